@@ -1,0 +1,1 @@
+"""tunix-sglang: GRPO with Tunix and sglang-jax."""

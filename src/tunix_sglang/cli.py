@@ -1,0 +1,84 @@
+"""Command line: `tunix-sglang train ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from tunix_sglang.config import DATA_SOURCES, ROLLOUT_ENGINES, TrainConfig, build_config
+from tunix_sglang.errors import UserError
+
+# (flag, type, help); the default shown comes from TrainConfig, so YAML can still set it.
+_TRAIN_FLAGS: list[tuple[str, type, str]] = [
+    ("--steps", int, "optimizer steps"),
+    ("--rollout-engine", str, f"one of {', '.join(ROLLOUT_ENGINES)}"),
+    ("--rollout-devices", int, "devices for the rollout engine, the rest train (0: share all)"),
+    ("--local-model-dir", str, "Hugging Face style model dir (config.json, *.safetensors, "
+     "tokenizer); unset: the embedded tiny Qwen3"),
+    ("--sglang-mem-fraction-static", float, "share of device memory for the engine, in (0, 1)"),
+    ("--num-generations", int, "completions per prompt (GRPO group size)"),
+    ("--batch-size", int, "prompts per step"),
+    ("--max-prompt-length", int, "prompt tokens; longer prompts are skipped"),
+    ("--max-new-tokens", int, "completion tokens"),
+    ("--learning-rate", float, "AdamW learning rate"),
+    ("--beta", float, "KL coefficient against the reference model"),
+    ("--epsilon", float, "PPO-style clip range"),
+    ("--temperature", float, "sampling temperature"),
+    ("--seed", int, "seed for data order and sampling"),
+    ("--data", str, f"one of {', '.join(DATA_SOURCES)}"),
+    ("--data-path", str, "GSM8K jsonl/parquet file or directory (unset: HF openai/gsm8k)"),
+    ("--output-dir", str, "metrics.jsonl, checkpoints/, tensorboard/, config.json"),
+    ("--checkpoint-every", int, "steps between checkpoints"),
+    ("--sync-check-threshold", float, "max |Δ logprob| engine vs trainer after each sync"),
+    ("--dtype", str, "float32 or bfloat16"),
+]
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="GRPO on GSM8K-style math (embedded tiny model by default)")
+    p.add_argument("--config", help="YAML file with any of these keys (flags override it)")
+    defaults = TrainConfig()
+    for flag, typ, text in _TRAIN_FLAGS:
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=typ, help=f"{text} (default: {default})")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the last checkpoint in --output-dir")
+
+
+def _quiet_logs() -> None:
+    """Keep the console to one line per step: library INFO logs go nowhere by default."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ.get("TUNIX_SGLANG_VERBOSE"):
+        return
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tunix-sglang", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    args = parser.parse_args(argv)
+    _quiet_logs()
+    try:
+        if args.command == "train":
+            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+            cfg = build_config(args.config, overrides)
+            from tunix_sglang.runner import train
+
+            train(cfg)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

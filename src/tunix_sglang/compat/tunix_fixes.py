@@ -1,0 +1,68 @@
+"""Fixes to released Tunix (0.1.7) behaviour, each gated on a capability check."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+from types import ModuleType
+
+from tunix_sglang.compat import record
+
+# rope_theta of the model whose attention is being traced right now.
+_ROPE_THETA: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "tunix_sglang_rope_theta", default=None
+)
+
+
+def rope_theta_is_ignored(model_module: ModuleType) -> bool:
+    """True when the module's attention calls `apply_rope` without the config's rope_theta."""
+    src = inspect.getsource(model_module.Attention.block)
+    return "apply_rope(" in src and "rope_theta" not in src
+
+
+def _patch_rope_theta(model_module: ModuleType) -> bool:
+    """Make Attention honour `config.rope_theta` (Tunix 0.1.7 always uses its default).
+
+    Real checkpoints ship other values (Qwen3-4B-2507: 5e6, Llama 3: 5e5); without this the
+    trainer computes a different function than the checkpoint and than any engine reading
+    config.json. The fix is trace-time only: the compiled program is the same shape.
+    """
+    if getattr(model_module, "_tunix_sglang_rope_fixed", False):
+        return True
+    if not rope_theta_is_ignored(model_module):
+        return False
+    orig_apply_rope = model_module.apply_rope
+    orig_block = model_module.Attention.block
+
+    @functools.wraps(orig_apply_rope)
+    def apply_rope(inputs, positions, head_dim, rope_theta=None):
+        theta = rope_theta if rope_theta is not None else _ROPE_THETA.get()
+        if theta is None:
+            return orig_apply_rope(inputs, positions, head_dim=head_dim)
+        return orig_apply_rope(inputs, positions, head_dim=head_dim, rope_theta=theta)
+
+    @functools.wraps(orig_block)
+    def block(self, *args, **kwargs):
+        token = _ROPE_THETA.set(self.config.rope_theta)
+        try:
+            return orig_block(self, *args, **kwargs)
+        finally:
+            _ROPE_THETA.reset(token)
+
+    model_module.apply_rope = apply_rope
+    model_module.Attention.block = block
+    model_module._tunix_sglang_rope_fixed = True
+    return True
+
+
+def apply() -> None:
+    from tunix.models.llama3 import model as llama3_model
+    from tunix.models.qwen3 import model as qwen3_model
+
+    for mod in (qwen3_model, llama3_model):
+        if _patch_rope_theta(mod):
+            record(
+                f"tunix.{mod.__name__.split('.')[-2]}.rope_theta",
+                "Attention ignored config.rope_theta (always 1e6)",
+            )

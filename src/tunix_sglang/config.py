@@ -1,0 +1,145 @@
+"""The run's configuration: one dataclass, set from defaults < YAML file < command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from tunix_sglang.errors import UserError
+
+ROLLOUT_ENGINES = ("sglang_jax", "vanilla", "sglang_jax_remote")
+DATA_SOURCES = ("synthetic", "gsm8k")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every knob of `tunix-sglang train`; the field names are the YAML keys."""
+
+    steps: int = 10
+    rollout_engine: str = "vanilla"
+    rollout_devices: int = 0  # 0: the rollout shares every device with the trainer
+    local_model_dir: str | None = None  # None: the embedded tiny model
+    sglang_mem_fraction_static: float = 0.8
+    num_generations: int = 4
+    batch_size: int = 2  # prompts per step; each gets num_generations completions
+    max_prompt_length: int = 128
+    max_new_tokens: int = 48
+    learning_rate: float = 3e-5
+    beta: float = 0.04
+    epsilon: float = 0.2
+    temperature: float = 1.0
+    seed: int = 0
+    data: str = "synthetic"
+    data_path: str | None = None
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 5
+    resume: bool = False
+    sync_check_threshold: float = 1e-3  # max |Δ logprob| between engine and trainer
+    dtype: str = "float32"
+
+    def validate(self, num_devices: int | None = None) -> None:
+        """Raise UserError (one line: problem and fix) for any bad value."""
+        if self.steps < 1:
+            raise UserError(f"--steps {self.steps}: must be >= 1")
+        if self.rollout_engine not in ROLLOUT_ENGINES:
+            raise UserError(
+                f"--rollout-engine {self.rollout_engine!r} is unknown; use one of "
+                f"{', '.join(ROLLOUT_ENGINES)}"
+            )
+        if not 0.0 < self.sglang_mem_fraction_static < 1.0:
+            raise UserError(
+                f"--sglang-mem-fraction-static {self.sglang_mem_fraction_static}: must be in "
+                "(0, 1), e.g. 0.8"
+            )
+        if self.num_generations < 2:
+            raise UserError(
+                f"--num-generations {self.num_generations}: GRPO needs >= 2 completions per prompt"
+            )
+        for name in ("batch_size", "max_prompt_length", "max_new_tokens", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.rollout_devices < 0:
+            raise UserError(f"--rollout-devices {self.rollout_devices}: must be >= 0")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature {self.temperature}: must be > 0 for GRPO sampling")
+        if self.data not in DATA_SOURCES:
+            raise UserError(f"--data {self.data!r} is unknown; use one of {DATA_SOURCES}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UserError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
+        if num_devices is not None:
+            self.validate_devices(num_devices)
+
+    def validate_devices(self, num_devices: int) -> None:
+        if self.rollout_devices > num_devices:
+            raise UserError(
+                f"--rollout-devices {self.rollout_devices} is larger than the {num_devices} "
+                f"device(s) JAX sees; use at most {num_devices} (or 0 to share all)"
+            )
+        train_devices = self.train_device_count(num_devices)
+        total = self.batch_size * self.num_generations
+        if total % train_devices:
+            raise UserError(
+                f"--batch-size {self.batch_size} x --num-generations {self.num_generations} = "
+                f"{total} samples cannot be split over {train_devices} training device(s); "
+                f"make it a multiple of {train_devices}"
+            )
+
+    def train_device_count(self, num_devices: int) -> int:
+        if self.rollout_devices in (0, num_devices):
+            return num_devices
+        return num_devices - self.rollout_devices
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Keys of a YAML config file; unknown keys are an error (a typo must not pass)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except OSError as e:
+        raise UserError(f"--config {path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path}: must be a mapping of keys to values")
+    norm = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(norm) - set(field_names()))
+    if unknown:
+        raise UserError(f"--config {path}: unknown keys {unknown}; known: {field_names()}")
+    return norm
+
+
+def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the YAML file, then command-line values that were given."""
+    values: dict[str, Any] = {}
+    if yaml_path:
+        values.update(load_yaml(yaml_path))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in values:
+            v = values[f.name]
+            default = getattr(cfg, f.name)
+            try:
+                if isinstance(default, bool):
+                    v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+                elif isinstance(default, int):
+                    v = int(v)
+                elif isinstance(default, float):
+                    v = float(v)
+            except (TypeError, ValueError):
+                kind = type(default).__name__
+                raise UserError(f"{f.name}: {v!r} is not a valid {kind}") from None
+            setattr(cfg, f.name, v)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,31 @@
+"""Rollout engines behind one seam: what `--rollout-engine NAME` builds for Tunix.
+
+Tunix's `ClusterConfig.rollout_engine` takes its own engine name or a `BaseRollout`
+subclass (or a `functools.partial` of one); `engine_for` returns that value.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from tunix_sglang.config import TrainConfig
+from tunix_sglang.errors import UserError
+
+
+def engine_for(cfg: TrainConfig, model_dir: Any) -> Any:
+    """The `rollout_engine` value for Tunix's ClusterConfig."""
+    if cfg.rollout_engine == "vanilla":
+        return "vanilla"  # Tunix's own sampler: the reference and the fallback
+    if cfg.rollout_engine == "sglang_jax":
+        try:
+            from tunix_sglang.rollout.sglang_inprocess import SglangJaxRollout
+        except ImportError as e:
+            raise UserError(
+                f"--rollout-engine sglang_jax is not available ({e}); use --rollout-engine vanilla"
+            ) from None
+        return functools.partial(SglangJaxRollout, model_dir=model_dir, train_config=cfg)
+    raise UserError(
+        f"--rollout-engine {cfg.rollout_engine} is not available yet; "
+        "use --rollout-engine sglang_jax or vanilla"
+    )

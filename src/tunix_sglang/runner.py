@@ -1,0 +1,209 @@
+"""`tunix-sglang train`: builds the models, data, Tunix cluster and rollout, then runs steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunix_sglang.config import TrainConfig
+from tunix_sglang.errors import UserError
+
+
+def default_compilation_cache() -> None:
+    """A persistent JAX compilation cache unless the user chose one (restarts skip compiles)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    import jax
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "tunix-sglang", "jax"))
+
+
+@dataclasses.dataclass
+class Batches:
+    """Deterministic batches: the rows of step s depend only on (seed, s), so resume is exact."""
+
+    rows: list[dict[str, Any]]
+    batch_size: int
+    seed: int
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        n = len(self.rows)
+        start = (step - 1) * self.batch_size
+        picked = []
+        for i in range(start, start + self.batch_size):
+            epoch, pos = divmod(i, n)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            picked.append(self.rows[order[pos]])
+        # Tunix needs numpy arrays, not lists of str (lists are split per character).
+        return {k: np.array([r[k] for r in picked]) for k in picked[0]}
+
+
+def load_problems(cfg: TrainConfig):
+    from tunix_sglang import data
+
+    if cfg.data == "synthetic":
+        train, _ = data.synthetic_split(n_train=2000, n_test=200, seed=cfg.seed)
+        return train
+    return data.load_gsm8k(cfg.data_path, split="train")
+
+
+def fit_prompts(rows: list[dict[str, Any]], tokenizer, max_len: int, console_line) -> list:
+    """Drop prompts longer than --max-prompt-length (Tunix would silently grow the cache)."""
+    kept = [r for r in rows if len(tokenizer.encode(r["prompts"])) <= max_len]
+    if not kept:
+        raise UserError(
+            f"every prompt is longer than --max-prompt-length {max_len} tokens; raise it"
+        )
+    if len(kept) < len(rows):
+        console_line(f"skipped {len(rows) - len(kept)} of {len(rows)} prompts longer than "
+                     f"--max-prompt-length {max_len}")
+    return kept
+
+
+def build_meshes(cfg: TrainConfig):
+    """Actor/reference on the training devices, rollout on the first N (or all, shared)."""
+    import jax
+
+    devices = jax.devices()
+    cfg.validate_devices(len(devices))
+    n_roll = cfg.rollout_devices
+    if n_roll in (0, len(devices)):
+        train_devs = roll_devs = devices
+    else:
+        roll_devs, train_devs = devices[:n_roll], devices[n_roll:]
+    axis = (jax.sharding.AxisType.Auto,) * 2
+
+    def mesh(devs):
+        return jax.sharding.Mesh(np.array(devs).reshape(len(devs), 1), ("fsdp", "tp"),
+                                 axis_types=axis)
+
+    train_mesh = mesh(train_devs)
+    return train_mesh, (train_mesh if roll_devs is train_devs else mesh(roll_devs))
+
+
+def build_cluster(cfg: TrainConfig, md, tokenizer):
+    """Tunix RLCluster + GRPO config for this run (restores the last checkpoint if resuming)."""
+    import optax
+    import orbax.checkpoint as ocp
+    from tunix.rl import rl_cluster as rl
+    from tunix.rl.grpo.grpo_learner import GRPOConfig, GRPOLearner
+    from tunix.rl.rollout import base_rollout
+    from tunix.sft import metrics_logger
+
+    from tunix_sglang import models, rewards, rollout
+
+    train_mesh, rollout_mesh = build_meshes(cfg)
+    actor = models.load_model(md, train_mesh, cfg.dtype)
+    reference = models.load_model(md, train_mesh, cfg.dtype) if cfg.beta else None
+    out = cfg.output_path
+    training_config = rl.RLTrainingConfig(
+        actor_optimizer=optax.adamw(cfg.learning_rate, b1=0.9, b2=0.99, weight_decay=0.1),
+        eval_every_n_steps=10**9,
+        max_steps=None,  # the step loop is ours; Tunix's own bar would duplicate the console
+        checkpoint_root_directory=str(out / "checkpoints"),
+        checkpointing_options=ocp.CheckpointManagerOptions(
+            save_interval_steps=cfg.checkpoint_every, max_to_keep=3
+        ),
+        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
+            log_dir=str(out / "tensorboard"), flush_every_n_steps=1
+        ),
+    )
+    eos = tokenizer.eos_token_id
+    rollout_config = base_rollout.RolloutConfig(
+        max_tokens_to_generate=cfg.max_new_tokens,
+        max_prompt_length=cfg.max_prompt_length,
+        kv_cache_size=cfg.max_prompt_length + cfg.max_new_tokens + 16,
+        temperature=cfg.temperature,
+        top_p=1.0,
+        top_k=None,
+        eos_tokens=[eos],
+        rollout_sglang_jax_mem_fraction_static=cfg.sglang_mem_fraction_static,
+    )
+    cluster_config = rl.ClusterConfig(
+        role_to_mesh={rl.Role.ACTOR: train_mesh, rl.Role.REFERENCE: train_mesh,
+                      rl.Role.ROLLOUT: rollout_mesh},
+        rollout_engine=rollout.engine_for(cfg, md),
+        training_config=training_config,
+        rollout_config=rollout_config,
+    )
+    cluster = rl.RLCluster(actor=actor, reference=reference, tokenizer=tokenizer,
+                           cluster_config=cluster_config)
+    algo = GRPOConfig(num_generations=cfg.num_generations, num_iterations=1, beta=cfg.beta,
+                      epsilon=cfg.epsilon)
+    # The learner wires Tunix's GRPO loss into the actor trainer; its loop is not used.
+    GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=rewards.DEFAULT_REWARD_FNS)
+    return cluster, algo
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    ckpt = cfg.output_path / "checkpoints" / "actor"
+    if cfg.resume and not (ckpt.is_dir() and any(ckpt.iterdir())):
+        raise UserError(f"--resume: no checkpoint under {ckpt}; run without --resume first")
+    if not cfg.resume and ckpt.is_dir() and any(ckpt.iterdir()):
+        raise UserError(
+            f"{cfg.output_path} already holds checkpoints; pass --resume to continue it or "
+            "choose another --output-dir"
+        )
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run `cfg.steps` GRPO steps; prints one line per step and a final DONE line."""
+    t_start = time.perf_counter()
+    from tunix_sglang import grpo_step, models, rewards
+    from tunix_sglang.metrics import Console, MetricsWriter
+    from tunix_sglang.tiny_model import ensure_tiny_model
+
+    import jax
+
+    check_resume(cfg)
+    cfg.validate_devices(len(jax.devices()))
+    md = models.inspect_model_dir(cfg.local_model_dir or ensure_tiny_model())
+    problems = load_problems(cfg)  # bad data paths fail here, before anything heavy
+    default_compilation_cache()
+    tokenizer = models.load_tokenizer(md)
+    from tunix_sglang import data
+
+    rows = fit_prompts(data.to_dataset_rows(problems, tokenizer), tokenizer,
+                       cfg.max_prompt_length, print)
+    batches = Batches(rows, cfg.batch_size, cfg.seed)
+
+    cluster, algo = build_cluster(cfg, md, tokenizer)
+    start = cluster.actor_trainer.train_steps  # > 0 when restored from a checkpoint
+    cluster.global_steps = start
+    ctx = grpo_step.StepContext(
+        cluster=cluster, algo=algo, reward_fns=list(rewards.DEFAULT_REWARD_FNS), seed=cfg.seed,
+        sync_check_threshold=cfg.sync_check_threshold, vocab_size=md.hf_config["vocab_size"],
+        weight_version=start,
+    )
+    out = cfg.output_path
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    writer = MetricsWriter(out / "metrics.jsonl", resume_from_step=start if cfg.resume else None)
+    console = Console(total=cfg.steps, initial=min(start, cfg.steps))
+    if start:
+        console.line(f"Resumed from checkpoint at step {start}")
+    grpo_step.initial_sync(ctx)
+    last = None
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            result = grpo_step.run_step(ctx, batches.batch(step), step)
+            last = result.row()
+            writer.write(last)
+            console.step(last)
+    finally:
+        console.close()
+        writer.close()
+        close = getattr(cluster.rollout, "close", None)
+        cluster.close()  # writes the last checkpoint
+        if close:
+            close()
+    elapsed = time.perf_counter() - t_start
+    print(f"DONE: steps={cfg.steps} elapsed_sec={elapsed:.1f}", flush=True)
+    return {"last": last, "elapsed_sec": elapsed}
