@@ -33,7 +33,8 @@ def _rope(x, theta):  # x: [T, H, D], HF rotate-half convention
 def reference_logits(model_dir, ids: np.ndarray) -> np.ndarray:
     """Qwen3ForCausalLM forward in float64 numpy, written from the HF model definition."""
     c = json.loads((model_dir / "config.json").read_text())
-    w = {k: v.astype(np.float64) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    raw = load_file(str(model_dir / "model.safetensors"))
+    w = {k: v.astype(np.float64) for k, v in raw.items()}
     h, kv, hd, eps = (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
                       c["rms_norm_eps"])
     x = w["model.embed_tokens.weight"][ids]

@@ -156,11 +156,11 @@ def check_resume(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run `cfg.steps` GRPO steps; prints one line per step and a final DONE line."""
     t_start = time.perf_counter()
+    import jax
+
     from tunix_sglang import grpo_step, models, rewards
     from tunix_sglang.metrics import Console, MetricsWriter
     from tunix_sglang.tiny_model import ensure_tiny_model
-
-    import jax
 
     check_resume(cfg)
     cfg.validate_devices(len(jax.devices()))
