@@ -45,6 +45,10 @@ def _train_parser(sub) -> None:
         p.add_argument(flag, type=typ, help=f"{text} (default: {default})")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the last checkpoint in --output-dir")
+    g = p.add_argument_group("multi-host (set by `tunix-sglang launch`; on TPU auto-detected)")
+    g.add_argument("--coordinator-address", help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, help="processes in the JAX cluster")
+    g.add_argument("--process-id", type=int, help="this process's index")
 
 
 def _quiet_logs() -> None:
@@ -65,15 +69,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tunix-sglang", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    from tunix_sglang.doctor import add_doctor_parser
+    from tunix_sglang.launch import add_launch_parser
+
+    add_launch_parser(sub)
+    add_doctor_parser(sub)
     args = parser.parse_args(argv)
     _quiet_logs()
     try:
         if args.command == "train":
-            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+            from tunix_sglang.cluster import Topology
+
+            topo_keys = ("coordinator_address", "num_processes", "process_id")
+            topo = Topology.from_env(*(getattr(args, k) for k in topo_keys))
+            skip = ("command", "config", *topo_keys)
+            overrides = {k: v for k, v in vars(args).items() if k not in skip}
             cfg = build_config(args.config, overrides)
             from tunix_sglang.runner import train
 
-            train(cfg)
+            train(cfg, topo)
+        elif args.command == "doctor":
+            from tunix_sglang.doctor import doctor_main
+
+            return doctor_main(args)
+        elif args.command == "launch":
+            from tunix_sglang.launch import launch
+
+            return launch(args)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

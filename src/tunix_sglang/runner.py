@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from tunix_sglang import cluster as cluster_lib
+from tunix_sglang.cluster import Topology
 from tunix_sglang.config import TrainConfig
 from tunix_sglang.errors import UserError
 
@@ -153,7 +155,7 @@ def check_resume(cfg: TrainConfig) -> None:
         )
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
     """Run `cfg.steps` GRPO steps; prints one line per step and a final DONE line."""
     t_start = time.perf_counter()
     import jax
@@ -163,6 +165,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from tunix_sglang.tiny_model import ensure_tiny_model
 
     check_resume(cfg)
+    cluster_lib.initialize(topo or Topology())
+    from tunix_sglang.doctor import check_before_train
+
+    check_before_train(cfg)  # TPU generation, TPU lock, Pathways, memory: before loading
     cfg.validate_devices(len(jax.devices()))
     md = models.inspect_model_dir(cfg.local_model_dir or ensure_tiny_model())
     problems = load_problems(cfg)  # bad data paths fail here, before anything heavy
@@ -184,8 +190,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     out = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    writer = MetricsWriter(out / "metrics.jsonl", resume_from_step=start if cfg.resume else None)
+    pid = jax.process_index()
+    if pid == 0:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    # Every process records its own view (losses and sync proofs must agree across hosts).
+    metrics_name = "metrics.jsonl" if pid == 0 else f"metrics.process{pid}.jsonl"
+    writer = MetricsWriter(out / metrics_name, resume_from_step=start if cfg.resume else None)
     console = Console(total=cfg.steps, initial=min(start, cfg.steps))
     if start:
         console.line(f"Resumed from checkpoint at step {start}")
@@ -193,6 +203,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     last = None
     try:
         for step in range(start + 1, cfg.steps + 1):
+            cluster_lib.step_barrier(f"step{step}")
             result = grpo_step.run_step(ctx, batches.batch(step), step)
             last = result.row()
             writer.write(last)

@@ -56,6 +56,35 @@ def _patch_rope_theta(model_module: ModuleType) -> bool:
     return True
 
 
+def _patch_pinned_host_on_multiprocess_cpu() -> bool:
+    """Keep parameters where they are when Tunix asks for `pinned_host` on a multi-process CPU.
+
+    RLCluster snapshots the actor to pinned host memory after init and every sync. On CPU that
+    memory is the same RAM, and across several processes XLA cannot replicate the placement
+    op ("UNIMPLEMENTED: Side-effect ops cannot be replicated"), so simulated multi-host runs
+    die at start-up. The check is made per call: TPU and single-process runs are untouched.
+    """
+    from tunix.rl import utils as rl_utils
+
+    if getattr(rl_utils, "_tunix_sglang_pinned_fixed", False):
+        return True
+    orig = rl_utils.put_params_on_memory_kind
+
+    @functools.wraps(orig)
+    def put_params_on_memory_kind(params, memory_kind):
+        import jax
+
+        if memory_kind == "pinned_host" and jax.default_backend() == "cpu" and (
+            jax.process_count() > 1
+        ):
+            return params
+        return orig(params, memory_kind)
+
+    rl_utils.put_params_on_memory_kind = put_params_on_memory_kind
+    rl_utils._tunix_sglang_pinned_fixed = True
+    return True
+
+
 def apply() -> None:
     from tunix.models.llama3 import model as llama3_model
     from tunix.models.qwen3 import model as qwen3_model
@@ -66,3 +95,6 @@ def apply() -> None:
                 f"tunix.{mod.__name__.split('.')[-2]}.rope_theta",
                 "Attention ignored config.rope_theta (always 1e6)",
             )
+    if _patch_pinned_host_on_multiprocess_cpu():
+        record("tunix.rl.pinned_host_on_multiprocess_cpu",
+               "pinned_host placement cannot be replicated across CPU processes")
