@@ -54,6 +54,9 @@ def _train_parser(sub) -> None:
 def _quiet_logs() -> None:
     """Keep the console to one line per step: library INFO logs go nowhere by default."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tunix_sglang.cluster import default_platform
+
+    default_platform()
     if os.environ.get("TUNIX_SGLANG_VERBOSE"):
         return
     logging.getLogger().setLevel(logging.WARNING)

@@ -47,6 +47,19 @@ class Topology:
         return cls(coordinator, n, pid)
 
 
+def tpu_present() -> bool:
+    """TPU VMs expose /dev/accel* (v2-v4) or /dev/vfio/N (v5+)."""
+    import glob
+
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def default_platform() -> None:
+    """Without a TPU, pin JAX to CPU: libtpu's probe otherwise prints a screen of errors."""
+    if "JAX_PLATFORMS" not in os.environ and not tpu_present():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def pathways_requested() -> bool:
     return "proxy" in os.environ.get("JAX_PLATFORMS", "")
 

@@ -32,7 +32,7 @@ class TrainConfig:
     seed: int = 0
     data: str = "synthetic"
     data_path: str | None = None
-    output_dir: str = "runs/default"
+    output_dir: str | None = None  # None: a new runs/run-<time> (or, with --resume, the latest)
     checkpoint_every: int = 5
     resume: bool = False
     sync_check_threshold: float = 1e-3  # max |Δ logprob| between engine and trainer
@@ -92,7 +92,27 @@ class TrainConfig:
 
     @property
     def output_path(self) -> Path:
-        return Path(self.output_dir)
+        """Absolute (Orbax refuses relative checkpoint paths); resolved once, then fixed."""
+        if self.output_dir is None:
+            self.output_dir = str(default_output_dir(self.resume))
+        return Path(self.output_dir).expanduser().resolve()
+
+
+RUNS_DIR = Path("runs")
+
+
+def default_output_dir(resume: bool) -> Path:
+    """A fresh directory per run, so a repeated command never collides with an old run."""
+    import time
+
+    if resume:
+        runs = sorted((p for p in RUNS_DIR.glob("run-*") if (p / "checkpoints").is_dir()),
+                      key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise UserError(f"--resume: no run with checkpoints under {RUNS_DIR}/; "
+                            "pass --output-dir of the run to continue")
+        return runs[-1]
+    return RUNS_DIR / time.strftime("run-%Y%m%d-%H%M%S")
 
 
 def field_names() -> list[str]:

@@ -197,6 +197,7 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
     metrics_name = "metrics.jsonl" if pid == 0 else f"metrics.process{pid}.jsonl"
     writer = MetricsWriter(out / metrics_name, resume_from_step=start if cfg.resume else None)
     console = Console(total=cfg.steps, initial=min(start, cfg.steps))
+    console.line(f"Run directory: {out}")
     if start:
         console.line(f"Resumed from checkpoint at step {start}")
     grpo_step.initial_sync(ctx)
