@@ -31,6 +31,8 @@ _TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--data-path", str, "GSM8K jsonl/parquet file or directory (unset: HF openai/gsm8k)"),
     ("--output-dir", str, "metrics.jsonl, checkpoints/, tensorboard/, config.json"),
     ("--checkpoint-every", int, "steps between checkpoints"),
+    ("--eval-every", int, "steps between held-out greedy evaluations (0: before/after only)"),
+    ("--eval-limit", int, "held-out problems per evaluation (0: none)"),
     ("--sync-check-threshold", float, "max |Δ logprob| engine vs trainer after each sync"),
     ("--dtype", str, "float32 or bfloat16"),
 ]
@@ -73,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     from tunix_sglang.doctor import add_doctor_parser
+    from tunix_sglang.evaluate import add_eval_parser
     from tunix_sglang.launch import add_launch_parser
+    from tunix_sglang.report import add_report_parser
 
+    add_eval_parser(sub)
+    add_report_parser(sub)
     add_launch_parser(sub)
     add_doctor_parser(sub)
     args = parser.parse_args(argv)
@@ -91,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
             from tunix_sglang.runner import train
 
             train(cfg, topo)
+        elif args.command == "eval":
+            from tunix_sglang.evaluate import eval_main
+
+            return eval_main(args)
+        elif args.command == "report":
+            from tunix_sglang.report import report_main
+
+            return report_main(args)
         elif args.command == "doctor":
             from tunix_sglang.doctor import doctor_main
 

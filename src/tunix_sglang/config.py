@@ -35,6 +35,8 @@ class TrainConfig:
     output_dir: str | None = None  # None: a new runs/run-<time> (or, with --resume, the latest)
     checkpoint_every: int = 5
     resume: bool = False
+    eval_every: int = 0  # 0: evaluate only before the first and after the last step
+    eval_limit: int = 64  # held-out problems per evaluation (0: no evaluation)
     sync_check_threshold: float = 1e-3  # max |Δ logprob| between engine and trainer
     dtype: str = "float32"
 
@@ -59,6 +61,9 @@ class TrainConfig:
         for name in ("batch_size", "max_prompt_length", "max_new_tokens", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        for name in ("eval_every", "eval_limit"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         if self.rollout_devices < 0:
             raise UserError(f"--rollout-devices {self.rollout_devices}: must be >= 0")
         if self.temperature <= 0:

@@ -128,12 +128,14 @@ def build_cluster(cfg: TrainConfig, md, tokenizer):
         eos_tokens=[eos],
         rollout_sglang_jax_mem_fraction_static=cfg.sglang_mem_fraction_static,
     )
+    from tunix_sglang import evaluate
+
     cluster_config = rl.ClusterConfig(
         role_to_mesh={rl.Role.ACTOR: train_mesh, rl.Role.REFERENCE: train_mesh,
                       rl.Role.ROLLOUT: rollout_mesh},
         rollout_engine=rollout.engine_for(cfg, md),
         training_config=training_config,
-        rollout_config=rollout_config,
+        rollout_config=evaluate.rollout_configs(rollout_config),  # TRAIN samples, EVAL greedy
     )
     cluster = rl.RLCluster(actor=actor, reference=reference, tokenizer=tokenizer,
                            cluster_config=cluster_config)
@@ -155,60 +157,97 @@ def check_resume(cfg: TrainConfig) -> None:
         )
 
 
-def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
-    """Run `cfg.steps` GRPO steps; prints one line per step and a final DONE line."""
-    t_start = time.perf_counter()
+@dataclasses.dataclass
+class RunInputs:
+    """Everything checked and loaded before the heavy part (models, engine) starts."""
+
+    md: Any
+    tokenizer: Any
+    batches: Batches
+    eval_rows: list[dict[str, Any]]
+
+
+def prepare(cfg: TrainConfig, topo: Topology | None) -> RunInputs:
+    """Bad input and blocking environment problems fail here, before any model loads."""
     import jax
 
-    from tunix_sglang import grpo_step, models, rewards
-    from tunix_sglang.metrics import Console, MetricsWriter
+    from tunix_sglang import data, evaluate, models
+    from tunix_sglang.doctor import check_before_train
     from tunix_sglang.tiny_model import ensure_tiny_model
 
     check_resume(cfg)
     cluster_lib.initialize(topo or Topology())
-    from tunix_sglang.doctor import check_before_train
-
-    check_before_train(cfg)  # TPU generation, TPU lock, Pathways, memory: before loading
+    check_before_train(cfg)  # TPU generation, TPU lock, Pathways, memory
     cfg.validate_devices(len(jax.devices()))
     md = models.inspect_model_dir(cfg.local_model_dir or ensure_tiny_model())
-    problems = load_problems(cfg)  # bad data paths fail here, before anything heavy
+    problems = load_problems(cfg)
     default_compilation_cache()
     tokenizer = models.load_tokenizer(md)
-    from tunix_sglang import data
-
     rows = fit_prompts(data.to_dataset_rows(problems, tokenizer), tokenizer,
                        cfg.max_prompt_length, print)
-    batches = Batches(rows, cfg.batch_size, cfg.seed)
+    eval_rows: list[dict[str, Any]] = []
+    if cfg.eval_limit:
+        held_out = evaluate.heldout_problems(cfg.data, cfg.data_path, cfg.seed, cfg.eval_limit)
+        eval_rows = evaluate.eval_rows(held_out, tokenizer, cfg.max_prompt_length)
+    return RunInputs(md, tokenizer, Batches(rows, cfg.batch_size, cfg.seed), eval_rows)
 
-    cluster, algo = build_cluster(cfg, md, tokenizer)
+
+def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
+    """Run `cfg.steps` GRPO steps; prints one line per step, accuracy, report and DONE."""
+    t_start = time.perf_counter()
+    import jax
+
+    from tunix_sglang import evaluate, grpo_step, report, rewards
+    from tunix_sglang.metrics import Console, MetricsWriter
+
+    inputs = prepare(cfg, topo)
+    cluster, algo = build_cluster(cfg, inputs.md, inputs.tokenizer)
     start = cluster.actor_trainer.train_steps  # > 0 when restored from a checkpoint
     cluster.global_steps = start
     ctx = grpo_step.StepContext(
         cluster=cluster, algo=algo, reward_fns=list(rewards.DEFAULT_REWARD_FNS), seed=cfg.seed,
-        sync_check_threshold=cfg.sync_check_threshold, vocab_size=md.hf_config["vocab_size"],
-        weight_version=start,
+        sync_check_threshold=cfg.sync_check_threshold,
+        vocab_size=inputs.md.hf_config["vocab_size"], weight_version=start,
     )
     out = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)
-    pid = jax.process_index()
-    if pid == 0:
+    primary = jax.process_index() == 0
+    if primary:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        report.write_environment(out)
+        if cfg.resume:
+            evaluate.truncate_evals(out, start)
     # Every process records its own view (losses and sync proofs must agree across hosts).
-    metrics_name = "metrics.jsonl" if pid == 0 else f"metrics.process{pid}.jsonl"
+    pid = jax.process_index()
+    metrics_name = "metrics.jsonl" if primary else f"metrics.process{pid}.jsonl"
     writer = MetricsWriter(out / metrics_name, resume_from_step=start if cfg.resume else None)
     console = Console(total=cfg.steps, initial=min(start, cfg.steps))
     console.line(f"Run directory: {out}")
     if start:
         console.line(f"Resumed from checkpoint at step {start}")
+
+    def run_eval(step: int, label: str):
+        # generate is a collective program: every process evaluates, process 0 records.
+        if not inputs.eval_rows:
+            return None
+        res = evaluate.evaluate(cluster, inputs.eval_rows, cfg.max_new_tokens)
+        if primary:
+            evaluate.append_eval(out, step, res)
+        console.line(evaluate.format_result(res, label))
+        return res
+
     grpo_step.initial_sync(ctx)
-    last = None
+    before = after = last = None
     try:
+        before = run_eval(start, f"eval at step {start}")
         for step in range(start + 1, cfg.steps + 1):
             cluster_lib.step_barrier(f"step{step}")
-            result = grpo_step.run_step(ctx, batches.batch(step), step)
-            last = result.row()
+            last = grpo_step.run_step(ctx, inputs.batches.batch(step), step).row()
             writer.write(last)
             console.step(last)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                run_eval(step, f"eval at step {step}")
+        after = run_eval(cfg.steps, f"eval at step {cfg.steps}")
     finally:
         console.close()
         writer.close()
@@ -216,6 +255,10 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
         cluster.close()  # writes the last checkpoint
         if close:
             close()
+    if before is not None:
+        print(evaluate.summary_line(before, after), flush=True)
+    if primary:
+        print(f"REPORT: {report.write_report(out)}", flush=True)
     elapsed = time.perf_counter() - t_start
     print(f"DONE: steps={cfg.steps} elapsed_sec={elapsed:.1f}", flush=True)
-    return {"last": last, "elapsed_sec": elapsed}
+    return {"last": last, "before": before, "after": after, "elapsed_sec": elapsed}

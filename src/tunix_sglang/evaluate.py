@@ -1,0 +1,332 @@
+"""Greedy pass@1 accuracy on a held-out split, through the run's own rollout engine.
+
+`evaluate` generates through Tunix's `RLCluster.generate(..., mode=Mode.EVAL)`, so evaluation
+uses exactly the engine (vanilla sampler or sglang-jax) and the weights training uses. The
+cluster's `rollout_config` must be a dict `{Mode.TRAIN: train_cfg, Mode.EVAL:
+eval_rollout_config(train_cfg)}`.
+
+Greedy decoding, for every engine, from one RolloutConfig:
+- Tunix's vanilla sampler picks its mode from `top_p`/`beam_size`: `top_p=None` (and no beam)
+  is greedy (argmax); temperature and top_k are then unused.
+- sglang-jax (and generic engines) read `temperature=0` as greedy; `top_k=1` says the same for
+  engines that only look at top_k.
+
+Two extractions are reported (`rewards.correct`): strict reads the `<answer>` tag, lenient the
+last number anywhere in the completion.
+
+`tunix-sglang eval` evaluates a model directory or the last checkpoint of a run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunix_sglang.errors import UserError
+
+EVAL_FILE = "eval.jsonl"
+SYNTHETIC_TEST_SIZE = 200  # held-out synthetic problems (runner's split: 2000 train / 200 test)
+DEFAULT_EVAL_BATCH = 16
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Accuracy of greedy completions on `n` held-out problems."""
+
+    n: int
+    strict_acc: float
+    lenient_acc: float
+    reward_mean: float
+    samples: list[dict[str, Any]]
+    eval_sec: float = 0.0
+
+    def row(self, step: int) -> dict[str, Any]:
+        """The eval.jsonl line for this result (samples left out: they are large)."""
+        return {
+            "step": step, "n": self.n, "strict_acc": self.strict_acc,
+            "lenient_acc": self.lenient_acc, "reward_mean": self.reward_mean,
+            "eval_sec": self.eval_sec,
+        }
+
+
+def eval_rollout_config(train_cfg: Any) -> Any:
+    """Greedy decoding for the vanilla sampler (top_p=None) and other engines (temperature 0,
+    top_k 1); everything else (lengths, cache, eos, engine knobs) as in training."""
+    return dataclasses.replace(train_cfg, temperature=0.0, top_p=None, top_k=1, seed=None)
+
+
+def rollout_configs(train_cfg: Any) -> dict[Any, Any]:
+    """The `rollout_config` value for Tunix's ClusterConfig: train sampling, eval greedy."""
+    from tunix.rl.rl_cluster import Mode
+
+    return {Mode.TRAIN: train_cfg, Mode.EVAL: eval_rollout_config(train_cfg)}
+
+
+def heldout_problems(data: str, data_path: str | None, seed: int, limit: int | None = None):
+    """The held-out split: synthetic test problems for `seed`, or GSM8K's test split."""
+    from tunix_sglang import data as data_lib
+
+    if data == "synthetic":
+        problems = data_lib.synthetic_split(n_train=2000, n_test=SYNTHETIC_TEST_SIZE, seed=seed)[1]
+    elif data == "gsm8k":
+        problems = data_lib.load_gsm8k(data_path, split="test")
+    else:
+        raise UserError(f"--data {data!r} is unknown; use synthetic or gsm8k")
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit {limit}: must be >= 1")
+        problems = problems[:limit]
+    return problems
+
+
+def eval_rows(problems: list, tokenizer: Any, max_prompt_length: int) -> list[dict[str, str]]:
+    """Dataset rows (prompts, question, answer) whose prompt fits the rollout's prompt length."""
+    from tunix_sglang import data as data_lib
+
+    rows = data_lib.to_dataset_rows(problems, tokenizer)
+    kept = [r for r in rows if len(tokenizer.encode(r["prompts"])) <= max_prompt_length]
+    if not kept:
+        raise UserError(
+            f"every eval prompt is longer than --max-prompt-length {max_prompt_length}; raise it"
+        )
+    return kept
+
+
+def evaluate(
+    cluster: Any,
+    rows: list[dict[str, Any]],
+    max_new_tokens: int | None = None,
+    batch_size: int = DEFAULT_EVAL_BATCH,
+    num_samples: int = 3,
+) -> EvalResult:
+    """Greedy pass@1 over `rows` (dicts with `prompts` and gold `answer`) in EVAL mode.
+
+    Batches are padded to `batch_size` by repeating the last prompt, so every call has one
+    shape and the engine compiles once.
+    """
+    from tunix.rl.rl_cluster import Mode
+
+    from tunix_sglang import rewards
+
+    if not rows:
+        raise UserError("nothing to evaluate: the held-out split is empty")
+    t0 = time.perf_counter()
+    completions: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = [str(r["prompts"]) for r in rows[start : start + batch_size]]
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)
+        out = cluster.generate(prompts=chunk, mode=Mode.EVAL,
+                               max_generation_steps=max_new_tokens)
+        completions += list(out.text)[:real]
+    golds = [str(r["answer"]) for r in rows]
+    strict = [rewards.correct(c, g, strict=True) for c, g in zip(completions, golds, strict=True)]
+    lenient = [rewards.correct(c, g, strict=False) for c, g in zip(completions, golds, strict=True)]
+    prompts = [str(r["prompts"]) for r in rows]
+    total = np.zeros(len(rows), np.float32)
+    for fn in rewards.DEFAULT_REWARD_FNS:
+        total += np.asarray(fn(prompts=prompts, completions=completions, answer=golds), np.float32)
+    samples = [
+        {"question": str(r.get("question", "")), "gold": g, "completion": c,
+         "strict": s, "lenient": le}
+        for r, g, c, s, le in zip(rows, golds, completions, strict, lenient, strict=True)
+    ][:num_samples]
+    return EvalResult(
+        n=len(rows), strict_acc=float(np.mean(strict)), lenient_acc=float(np.mean(lenient)),
+        reward_mean=float(np.mean(total)), samples=samples, eval_sec=time.perf_counter() - t0,
+    )
+
+
+def append_eval(out_dir: str | Path, step: int, result: EvalResult) -> Path:
+    """Append this evaluation to `<out_dir>/eval.jsonl` (the report plots it)."""
+    path = Path(out_dir) / EVAL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(result.row(step)) + "\n")
+    return path
+
+
+def read_evals(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows of `<out_dir>/eval.jsonl` (a row cut by a kill is skipped)."""
+    path = Path(out_dir) / EVAL_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def truncate_evals(out_dir: str | Path, after_step: int) -> None:
+    """On resume: drop eval rows of steps that will be re-run (kept in eval.jsonl.rerun)."""
+    path = Path(out_dir) / EVAL_FILE
+    rows = read_evals(out_dir)
+    keep = [r for r in rows if r.get("step", 0) <= after_step]
+    drop = [r for r in rows if r.get("step", 0) > after_step]
+    if drop:
+        with path.with_suffix(".jsonl.rerun").open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in drop)
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def format_result(result: EvalResult, label: str = "eval") -> str:
+    return (f"{label}: strict_acc={result.strict_acc:.3f} lenient_acc={result.lenient_acc:.3f} "
+            f"reward_mean={result.reward_mean:.3f} n={result.n}")
+
+
+def summary_line(before: EvalResult | None, after: EvalResult | None) -> str:
+    """`accuracy before -> after` for the run's final summary."""
+    def acc(r: EvalResult | None, key: str) -> str:
+        return "n/a" if r is None else f"{getattr(r, key):.3f}"
+
+    return (f"ACCURACY: strict {acc(before, 'strict_acc')} -> {acc(after, 'strict_acc')}, "
+            f"lenient {acc(before, 'lenient_acc')} -> {acc(after, 'lenient_acc')} "
+            f"(greedy pass@1, n={(after or before).n if (after or before) else 0})")
+
+
+# ----------------------------------------------------------------------- `tunix-sglang eval`
+
+
+def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="greedy pass@1 accuracy of a model or a run's last checkpoint")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--local-model-dir",
+                     help="Hugging Face model directory (default: the embedded model)")
+    src.add_argument("--run-dir", help="a `tunix-sglang train` output dir: its last checkpoint")
+    p.add_argument("--data", default=None, help="synthetic or gsm8k (default: the run's, else "
+                   "synthetic)")
+    p.add_argument("--data-path", default=None, help="GSM8K file or dir (test split is used)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH,
+                   help=f"prompts per generate call (default {DEFAULT_EVAL_BATCH})")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="completion tokens (default: the run's, else TrainConfig's)")
+    p.add_argument("--rollout-engine", default=None, help="default: the run's, else vanilla")
+    p.add_argument("--seed", type=int, default=None, help="synthetic split seed (default: run's)")
+    p.add_argument("--json", default=None, help="also write the result (with samples) here")
+    return p
+
+
+def eval_config(args: argparse.Namespace):
+    """The TrainConfig the evaluated model would be trained with (rollout knobs, data)."""
+    from tunix_sglang.config import TrainConfig, field_names
+
+    cfg = TrainConfig()
+    if args.run_dir:
+        run = Path(args.run_dir)
+        cfg_path = run / "config.json"
+        if not cfg_path.is_file():
+            raise UserError(f"--run-dir {run}: no config.json; pass a `tunix-sglang train` "
+                            "--output-dir")
+        saved = json.loads(cfg_path.read_text())
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in field_names()})
+        ckpt = run / "checkpoints" / "actor"
+        if not (ckpt.is_dir() and any(ckpt.iterdir())):
+            raise UserError(f"--run-dir {run}: no checkpoint under {ckpt}; train first")
+    elif args.local_model_dir:
+        cfg.local_model_dir = args.local_model_dir
+    for key in ("data", "data_path", "max_new_tokens", "rollout_engine", "seed"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    # Evaluation needs no reference model and must not touch the run's own files.
+    cfg.beta, cfg.resume, cfg.num_generations = 0.0, False, 2
+    cfg.batch_size = 1
+    cfg.validate()
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    return cfg
+
+
+def restore_actor(cluster: Any, run_dir: Path) -> int:
+    """Load the run's last actor checkpoint into the cluster and give it to the rollout."""
+    from flax import nnx
+    from tunix.rl import utils as rl_utils
+    from tunix.sft import checkpoint_manager
+
+    manager = checkpoint_manager.CheckpointManager(str(run_dir / "checkpoints" / "actor"))
+    actor = cluster.actor_trainer.model
+    step, _ = manager.maybe_restore(actor)
+    manager.close()
+    if not rl_utils.is_sharing_weights(actor, cluster.rollout.model()):
+        cluster.rollout.update_params(nnx.state(actor, nnx.Param), (nnx.Param,))
+    return step
+
+
+def run_eval(args: argparse.Namespace) -> tuple[EvalResult, int]:
+    """Build the cluster as training does, restore if asked, evaluate; (result, step)."""
+    from tunix_sglang import models, runner
+
+    cfg = eval_config(args)
+    problems = heldout_problems(cfg.data, cfg.data_path, cfg.seed, args.limit)
+    model_dir = cfg.local_model_dir or default_model_dir()
+    md = models.inspect_model_dir(model_dir)
+    runner.default_compilation_cache()
+    tokenizer = models.load_tokenizer(md)
+    rows = eval_rows(problems, tokenizer, cfg.max_prompt_length)
+    with tempfile.TemporaryDirectory(prefix="tunix-sglang-eval-") as tmp:
+        cfg.output_dir = tmp  # the cluster's own checkpoints/tensorboard go to scratch
+        cfg.local_model_dir = str(md.path)
+        cluster = build_eval_cluster(cfg, md, tokenizer)
+        try:
+            step = restore_actor(cluster, Path(args.run_dir)) if args.run_dir else 0
+            result = evaluate(cluster, rows, cfg.max_new_tokens, args.batch_size)
+        finally:
+            close = getattr(cluster.rollout, "close", None)
+            if close:
+                close()
+    return result, step
+
+
+def build_eval_cluster(cfg: Any, md: Any, tokenizer: Any) -> Any:
+    """runner.build_cluster, with the greedy EVAL rollout config added if the runner lacks it."""
+    from tunix.rl.rl_cluster import Mode
+
+    from tunix_sglang import runner
+
+    cluster, _ = runner.build_cluster(cfg, md, tokenizer)
+    cc = cluster.cluster_config
+    # Tunix reads cluster_config.rollout_config[mode] on every generate call, so adding the
+    # EVAL entry after construction is enough (ClusterConfig is a frozen dataclass).
+    if not isinstance(cc.rollout_config, dict):
+        object.__setattr__(cc, "rollout_config", rollout_configs(cc.rollout_config))
+    elif Mode.EVAL not in cc.rollout_config:
+        cc.rollout_config[Mode.EVAL] = eval_rollout_config(cc.rollout_config[Mode.TRAIN])
+    return cluster
+
+
+def default_model_dir() -> Path:
+    """The embedded default model: the warm-started tiny model (see warmstart.py)."""
+    from tunix_sglang.warmstart import ensure_warm_model
+
+    return ensure_warm_model()
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """`tunix-sglang eval`: prints strict/lenient accuracy; `--json` writes the full result."""
+    result, step = run_eval(args)
+    where = f"{args.run_dir} step {step}" if args.run_dir else (args.local_model_dir or "default")
+    print(format_result(result, f"eval [{where}]"), flush=True)
+    if args.json:
+        out = dataclasses.asdict(result) | {"step": step, "source": where}
+        out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+               for k, v in out.items()}
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # handy for debugging: python -m tunix_sglang.evaluate ...
+    parser = argparse.ArgumentParser(prog="tunix-sglang")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    sys.exit(eval_main(parser.parse_args()))
