@@ -170,7 +170,8 @@ def test_json_and_exit_code_when_blocking(facts, monkeypatch, capsys, tmp_path, 
     gen = next(c for c in out["checks"] if c["name"] == "TPU generation")
     assert gen["status"] == "FAIL" and gen["blocking"]
 
-    assert doctor.doctor_main(parse_doctor([*lock])) == 0  # vanilla: a WARN, no block
+    # vanilla: a WARN, no block
+    assert doctor.doctor_main(parse_doctor(["--rollout-engine", "vanilla", *lock])) == 0
     table = capsys.readouterr().out
     assert "WARN  TPU generation" in table and "fix:" in table
 

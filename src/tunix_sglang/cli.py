@@ -18,6 +18,8 @@ _TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--local-model-dir", str, "Hugging Face style model dir (config.json, *.safetensors, "
      "tokenizer); unset: the embedded tiny Qwen3"),
     ("--sglang-mem-fraction-static", float, "share of device memory for the engine, in (0, 1)"),
+    ("--rollout-servers", str, "sglang_jax_remote: rollout server URLs, comma-separated"),
+    ("--launch-servers", int, "sglang_jax_remote: start K local rollout servers for the run"),
     ("--num-generations", int, "completions per prompt (GRPO group size)"),
     ("--batch-size", int, "prompts per step"),
     ("--max-prompt-length", int, "prompt tokens; longer prompts are skipped"),
@@ -47,6 +49,8 @@ def _train_parser(sub) -> None:
         p.add_argument(flag, type=typ, help=f"{text} (default: {default})")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the last checkpoint in --output-dir")
+    p.add_argument("--server-token", help="shared token for rollout servers (or env "
+                   "TUNIX_SGLANG_SERVER_TOKEN); never written to config.json")
     g = p.add_argument_group("multi-host (set by `tunix-sglang launch`; on TPU auto-detected)")
     g.add_argument("--coordinator-address", help="host:port of process 0")
     g.add_argument("--num-processes", type=int, help="processes in the JAX cluster")
@@ -78,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     from tunix_sglang.evaluate import add_eval_parser
     from tunix_sglang.launch import add_launch_parser
     from tunix_sglang.report import add_report_parser
+    from tunix_sglang.server import add_serve_parser
 
     add_eval_parser(sub)
     add_report_parser(sub)
     add_launch_parser(sub)
     add_doctor_parser(sub)
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     _quiet_logs()
     try:
@@ -91,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
             topo_keys = ("coordinator_address", "num_processes", "process_id")
             topo = Topology.from_env(*(getattr(args, k) for k in topo_keys))
-            skip = ("command", "config", *topo_keys)
+            if args.server_token:
+                os.environ["TUNIX_SGLANG_SERVER_TOKEN"] = args.server_token
+            skip = ("command", "config", "server_token", *topo_keys)
             overrides = {k: v for k, v in vars(args).items() if k not in skip}
             cfg = build_config(args.config, overrides)
             from tunix_sglang.runner import train
@@ -109,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             from tunix_sglang.doctor import doctor_main
 
             return doctor_main(args)
+        elif args.command == "serve":
+            from tunix_sglang.server import serve_main
+
+            return serve_main(args)
         elif args.command == "launch":
             from tunix_sglang.launch import launch
 

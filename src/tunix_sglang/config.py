@@ -17,10 +17,12 @@ class TrainConfig:
     """Every knob of `tunix-sglang train`; the field names are the YAML keys."""
 
     steps: int = 10
-    rollout_engine: str = "vanilla"
+    rollout_engine: str = "sglang_jax"
     rollout_devices: int = 0  # 0: the rollout shares every device with the trainer
     local_model_dir: str | None = None  # None: the embedded tiny model
     sglang_mem_fraction_static: float = 0.8
+    rollout_servers: str | None = None  # sglang_jax_remote: URL,URL,... started elsewhere
+    launch_servers: int = 0  # sglang_jax_remote: start K local rollout servers for the run
     num_generations: int = 4
     batch_size: int = 2  # prompts per step; each gets num_generations completions
     max_prompt_length: int = 128
@@ -64,6 +66,15 @@ class TrainConfig:
         for name in ("eval_every", "eval_limit"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+        if self.launch_servers < 0:
+            raise UserError(f"--launch-servers {self.launch_servers}: must be >= 0")
+        if self.rollout_engine == "sglang_jax_remote" and (
+            bool(self.rollout_servers) == (self.launch_servers > 0)
+        ):
+            raise UserError(
+                "--rollout-engine sglang_jax_remote needs exactly one of --rollout-servers "
+                "URL,... or --launch-servers K"
+            )
         if self.rollout_devices < 0:
             raise UserError(f"--rollout-devices {self.rollout_devices}: must be >= 0")
         if self.temperature <= 0:

@@ -25,7 +25,9 @@ def engine_for(cfg: TrainConfig, model_dir: Any) -> Any:
                 f"--rollout-engine sglang_jax is not available ({e}); use --rollout-engine vanilla"
             ) from None
         return functools.partial(SglangJaxRollout, model_dir=model_dir, train_config=cfg)
-    raise UserError(
-        f"--rollout-engine {cfg.rollout_engine} is not available yet; "
-        "use --rollout-engine sglang_jax or vanilla"
-    )
+    if cfg.rollout_engine == "sglang_jax_remote":
+        from tunix_sglang.rollout.remote import RemoteRollout
+
+        return functools.partial(RemoteRollout, model_dir=model_dir, train_config=cfg,
+                                 servers=cfg.rollout_servers, launch_servers=cfg.launch_servers)
+    raise UserError(f"--rollout-engine {cfg.rollout_engine!r} is unknown")

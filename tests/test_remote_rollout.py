@@ -1,0 +1,247 @@
+"""The single controller (RemoteRollout) against real rollout servers on 127.0.0.1.
+
+Two servers launched by the controller for the module (as `--launch-servers 2` does); the
+fault tests SIGKILL them for real. The last test runs `runner.train` for 5 steps with
+`--rollout-engine sglang_jax_remote --launch-servers 2` wired in through `engine_for`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import signal
+import time
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from tunix_sglang.engine import tunix_token_logprobs  # noqa: E402
+from tunix_sglang.models import inspect_model_dir, load_model, load_tokenizer  # noqa: E402
+from tunix_sglang.rollout.remote import (  # noqa: E402
+    AllServersDownError,
+    RemoteRollout,
+    balance,
+    group_prompts,
+)
+from tunix_sglang.tiny_model import ensure_tiny_model  # noqa: E402
+
+PROMPTS = ["Tom has 3 apples", "How many books", "Anna gives away 5 cookies", "What is 12 + 30"]
+G = 2
+
+
+def _mesh():
+    return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def perturbed(model, scale: float = 0.05, seed: int = 1):
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys,
+                                                                               strict=True)]
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, noisy))
+
+
+class TrainCfg:  # the TrainConfig fields the controller reads
+    batch_size, num_generations, sglang_mem_fraction_static, dtype, seed = 4, G, 0.8, \
+        "float32", 0
+
+
+@pytest.fixture(scope="module")
+def md():
+    return inspect_model_dir(ensure_tiny_model())
+
+
+@pytest.fixture(scope="module")
+def actor(md):
+    return load_model(md, _mesh())
+
+
+@pytest.fixture(scope="module")
+def tok(md):
+    from tunix.generate.tokenizer_adapter import TokenizerAdapter
+
+    return TokenizerAdapter(load_tokenizer(md))
+
+
+def rollout_config(tok, temperature: float = 0.0, seed: int = 3):
+    from tunix.rl.rollout import base_rollout
+
+    return base_rollout.RolloutConfig(max_tokens_to_generate=8, max_prompt_length=32,
+                                      temperature=temperature, top_p=1.0, top_k=None,
+                                      eos_tokens=[tok.eos_id()], seed=seed)
+
+
+@pytest.fixture(scope="module")
+def rollout(md, actor, tok):
+    factory = functools.partial(RemoteRollout, model_dir=md, train_config=TrainCfg(),
+                                launch_servers=2, request_timeout=60, rollout_timeout=120)
+    r = factory(rollout_actor=actor, tokenizer=tok, mesh=_mesh(),
+                rollout_config=rollout_config(tok))
+    yield r
+    r.close()
+    assert all(not s.launched.alive() for s in r.servers)
+
+
+def repeated() -> list[str]:
+    return [p for p in PROMPTS for _ in range(G)]
+
+
+def check_output(out, rollout, tok, model, prompts):
+    """Exact count, original order (greedy tokens of each prompt's own model), logprobs."""
+    assert len(out.tokens) == len(out.logprobs) == len(out.text) == len(prompts)
+    assert out.left_padded_prompt_tokens.shape == (len(prompts), 32) and out.logits is None
+    for p, row, t, lp, text in zip(prompts, out.left_padded_prompt_tokens, out.tokens,
+                                   out.logprobs, out.text, strict=True):
+        ids = tok.encode(p)
+        assert row[-len(ids):].tolist() == ids
+        assert set(row[:-len(ids)].tolist()) <= {rollout.pad_id()}
+        assert text == tok.decode(t.tolist(), skip_special_tokens=True)
+        ref = tunix_token_logprobs(model, ids, t, 0.0)
+        assert np.max(np.abs(ref - lp)) <= 1e-4
+    # Greedy: the G samples of one prompt are identical; distinct prompts keep their place.
+    for i in range(0, len(prompts), G):
+        assert all(out.tokens[i].tolist() == out.tokens[j].tolist() for j in range(i, i + G))
+    assert rollout.last_versions == [rollout.weight_version] * len(prompts)
+
+
+def test_grouping_and_balance():
+    assert group_prompts(["a", "a", "b", "b", "a"]) == [(0, 2), (2, 4), (4, 5)]
+    groups = [(0, 4), (4, 6), (6, 8), (8, 12)]
+    plan = balance(groups, [0, 1, 2, 3], 2)
+    assert sorted(g for p in plan for g in p) == [0, 1, 2, 3]
+    assert {sum(groups[g][1] - groups[g][0] for g in p) for p in plan} == {6}
+
+
+def test_no_reachable_server_is_a_clean_error(actor, tok):
+    t0 = time.monotonic()
+    with pytest.raises(AllServersDownError, match="all 1 rollout servers are down"):
+        RemoteRollout(actor, tok, _mesh(), rollout_config(tok), servers="127.0.0.1:9")
+    assert time.monotonic() - t0 < 15
+
+
+def test_launched_and_synced(rollout, actor):
+    from tunix.rl import utils as rl_utils
+
+    assert len(rollout.servers) == 2 and rollout.weight_version >= 1
+    assert all(s.up and s.version == rollout.weight_version for s in rollout.servers)
+    assert all(s.url.startswith("http://127.0.0.1:") for s in rollout.servers)
+    assert rollout.model() is not actor
+    assert not rl_utils.is_sharing_weights(actor, rollout.model())
+    assert rollout.verify_sync(actor) <= 1e-4
+
+
+def test_generate_groups_order_and_versions(rollout, tok, actor):
+    prompts = repeated()
+    out = rollout.generate(prompts, rollout_config(tok))
+    check_output(out, rollout, tok, actor, prompts)
+    # All generations of one prompt on one server; both servers got work.
+    for i in range(0, len(prompts), G):
+        assert len(set(rollout.last_servers[i:i + G])) == 1
+    assert set(rollout.last_servers) == {s.url for s in rollout.servers}
+    assert rollout.last_rollout_stats["redispatched_groups"] == 0
+
+
+def test_sampling_differs_per_sample(rollout, tok):
+    out = rollout.generate([PROMPTS[0]] * 8, rollout_config(tok, temperature=5.0, seed=5))
+    assert len({tuple(t.tolist()) for t in out.tokens}) > 1
+
+
+def test_push_parity(rollout, tok, actor):
+    other = perturbed(actor, scale=0.3)
+    assert rollout.verify_sync(other) > 1e-3  # before the push: the servers are not `other`
+    v = rollout.weight_version
+    params = nnx.state(other, nnx.Param)
+    with jax.transfer_guard_device_to_host("disallow_explicit"), \
+            jax.transfer_guard_host_to_device("disallow_explicit"):  # as Tunix's sync_weights
+        rollout.update_params(params, (nnx.Param,))
+    push = rollout.last_push
+    assert rollout.weight_version == push.version == v + 1
+    assert sorted(push.servers) == sorted(s.url for s in rollout.servers) and not push.failed
+    assert push.bytes > 0 and push.seconds > 0
+    assert rollout.verify_sync(other) <= 1e-4
+    assert rollout.verify_sync(rollout.model()) <= 1e-4  # the private copy follows
+    prompts = repeated()
+    check_output(rollout.generate(prompts, rollout_config(tok)), rollout, tok, other, prompts)
+    rollout.update_params(nnx.state(actor, nnx.Param), (nnx.Param,))
+    assert rollout.verify_sync(actor) <= 1e-4
+
+
+def test_sigkill_during_rollout_loses_and_duplicates_nothing(rollout, tok, actor):
+    victim = rollout.servers[1]
+    old_pid = victim.launched.pid
+    killed = []
+
+    def kill_during_rollout(rnd, assignment):
+        if rnd == 0 and assignment.get(victim.url):
+            victim.launched.kill()  # SIGKILL while its request is in flight
+            killed.append(assignment[victim.url])
+
+    rollout._after_dispatch = kill_during_rollout  # noqa: SLF001
+    # Frozen first (SIGSTOP), so its request cannot finish before the SIGKILL lands, however
+    # loaded the machine is; the kernel still accepts the connection.
+    os.kill(old_pid, signal.SIGSTOP)
+    try:
+        prompts = repeated()
+        out = rollout.generate(prompts, rollout_config(tok))
+    finally:
+        rollout._after_dispatch = None  # noqa: SLF001
+    assert killed, "the victim got no work"
+    check_output(out, rollout, tok, actor, prompts)
+    assert rollout.last_rollout_stats["redispatched_groups"] == len(killed[0])
+    survivor = rollout.servers[0].url
+    assert rollout.last_servers == [survivor] * len(prompts)
+    assert not victim.up
+    # The controller relaunches a dead server it launched (same port), in the background.
+    assert victim.launched.pid != old_pid
+
+
+def test_restart_catches_up_before_work(rollout, tok, actor):
+    victim = rollout.servers[1]
+    # A push while the victim is still starting: only the survivor gets it.
+    rollout.update_params(nnx.state(actor, nnx.Param), (nnx.Param,))
+    assert victim.url in rollout.last_push.failed or victim.url not in rollout.last_push.servers
+    victim.launched.wait_ready(180)
+    prompts = repeated()
+    out = rollout.generate(prompts, rollout_config(tok))
+    # Brought to the current version by the controller, then given work.
+    assert victim.up and victim.version == rollout.weight_version
+    assert victim.call("GET", "/version")["weight_version"] == rollout.weight_version
+    assert victim.url in rollout.last_servers
+    check_output(out, rollout, tok, actor, prompts)
+    assert rollout.verify_sync(actor) <= 1e-4
+
+
+def test_all_servers_down_is_clean_and_bounded(rollout, tok):
+    rollout.relaunch_dead = False
+    for s in rollout.servers:
+        s.launched.kill()
+    t0 = time.monotonic()
+    with pytest.raises(AllServersDownError, match="all 2 rollout servers are down"):
+        rollout.generate(repeated(), rollout_config(tok))
+    with pytest.raises(AllServersDownError):
+        rollout.update_params(nnx.state(rollout.model(), nnx.Param), (nnx.Param,))
+    assert time.monotonic() - t0 < 30
+
+
+def test_train_five_steps_with_two_launched_servers(run_cli, tmp_path):
+    """`train --rollout-engine sglang_jax_remote --launch-servers 2 --steps 5`."""
+    out = tmp_path / "run"
+    p = run_cli("train", "--rollout-engine", "sglang_jax_remote", "--launch-servers", "2",
+                "--steps", "5", "--batch-size", "2", "--num-generations", "2",
+                "--max-new-tokens", "16", "--sync-check-threshold", "1e-4", "--eval-limit", "0",
+                "--output-dir", str(out), timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.findall(r"^Train step (\d+) training loss", p.stdout, re.M) == list("12345")
+    assert p.stdout.strip().splitlines()[-1].startswith("DONE: steps=5 ")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["sync_max_logprob_diff"] <= 1e-4 for r in rows), rows
