@@ -468,6 +468,7 @@ class InProcessEngine:
         self.last_sync: SyncReport | None = None
         self.last_probe: dict[str, Any] | None = None
         self.start_seconds: float | None = None
+        self._move_cache: dict = {}  # compiled transform+placement programs, by source layout
         self.dropped_server_args: list[str] = []
         self.devices: list = []
         self._lock = threading.RLock()
@@ -846,6 +847,36 @@ class InProcessEngine:
             )
         return plan, flat, ignored
 
+    def _move(self, plan, flat) -> list:
+        """Transform and place every parameter onto the engine's shardings.
+
+        When the sources already live on the engine's devices, one compiled program does all
+        of it (one dispatch instead of one per parameter, and always fresh buffers, never an
+        alias of the trainer's); otherwise per-array transforms then `device_put`.
+        """
+        import jax
+
+        srcs = [flat[t] for _, t, _ in plan]
+        engine_devices = set(self.devices)
+        fusable = all(isinstance(x, jax.Array) and x.sharding.device_set <= engine_devices
+                      for x in srcs)
+        if not fusable:
+            arrays = [_transform(x, op, p.shape, p.dtype) for x, (p, _, op) in zip(
+                srcs, plan, strict=True)]
+            return jax.device_put(arrays, [p.sharding for p, _, _ in plan])
+        key = tuple((p.index, op, tuple(x.shape), str(x.dtype), x.sharding)
+                    for x, (p, _, op) in zip(srcs, plan, strict=True))
+        fn = self._move_cache.get(key)
+        if fn is None:
+            ops = [(op, p.shape, p.dtype) for p, _, op in plan]
+            fn = jax.jit(
+                lambda xs: [_transform(x, op, sh, dt) for x, (op, sh, dt) in zip(
+                    xs, ops, strict=True)],
+                out_shardings=[p.sharding for p, _, _ in plan],
+            )
+            self._move_cache[key] = fn
+        return fn(srcs)
+
     def sync_from_tunix(self, src: Any) -> SyncReport:
         """Write a Tunix model's (or nnx.State's) parameters into the engine.
 
@@ -862,10 +893,9 @@ class InProcessEngine:
             with jax.transfer_guard("allow"):
                 plan, flat, ignored = self.plan_sync(src)
                 try:
-                    arrays = [_transform(flat[t], op, p.shape, p.dtype) for p, t, op in plan]
+                    moved = self._move(plan, flat)
                 except IncompleteSyncError as e:
                     raise IncompleteSyncError(f"weight sync failed: {e}") from None
-                moved = jax.device_put(arrays, [p.sharding for p, _, _ in plan])
                 jax.block_until_ready(moved)
             t1 = time.perf_counter()
             runner = self._runner
