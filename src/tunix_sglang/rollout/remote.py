@@ -47,6 +47,7 @@ import numpy as np
 from tunix.rl.rollout import base_rollout
 
 from tunix_sglang.errors import UserError
+from tunix_sglang.rollout.common import CopyBackedRollout, copy_params, seed_to_int
 from tunix_sglang.weights_wire import DEFAULT_CHUNK_BYTES, Payload, flat_numpy_params, pack
 
 logger = logging.getLogger(__name__)
@@ -317,32 +318,6 @@ def balance(groups: Sequence[tuple[int, int]], pending: Sequence[int],
     return [sorted(x) for x in out]
 
 
-def seed_to_int(seed: Any) -> int | None:
-    """RolloutConfig.seed may be an int, a numpy/jax scalar or a PRNG key."""
-    if seed is None:
-        return None
-    if isinstance(seed, (int, np.integer)):
-        return int(seed) & 0x7FFFFFFF
-    import jax
-
-    arr = seed
-    if hasattr(arr, "dtype") and jax.dtypes.issubdtype(arr.dtype, jax.dtypes.prng_key):
-        arr = jax.random.key_data(arr)
-    words = np.asarray(jax.device_get(arr)).astype(np.uint64).ravel().tolist()
-    return hash(tuple(words)) & 0x7FFFFFFF
-
-
-def _copy_params(model: Any) -> Any:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    with jax.transfer_guard("allow"):
-        copied = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, state)
-    return nnx.merge(graphdef, copied)
-
-
 def _urls(servers: Any) -> list[str]:
     if servers is None:
         return []
@@ -362,7 +337,7 @@ def _urls(servers: Any) -> list[str]:
     return out
 
 
-class RemoteRollout(base_rollout.BaseRollout):
+class RemoteRollout(CopyBackedRollout):
     """Rollouts on remote sglang-jax servers with versioned weight pushes."""
 
     def __init__(
@@ -423,7 +398,7 @@ class RemoteRollout(base_rollout.BaseRollout):
                 self._launch(launch_servers, model_dir, train_config, rollout_config,
                              max_batch, ready_timeout)
             self._connect()
-            self._model = _copy_params(rollout_actor) if keep_model_copy else None
+            self._model = copy_params(rollout_actor) if keep_model_copy else None
             if push_on_init and rollout_actor is not None:
                 self.update_params(rollout_actor, None, _copy=False)
         except BaseException:
@@ -530,9 +505,6 @@ class RemoteRollout(base_rollout.BaseRollout):
     def weight_version(self) -> int:
         return self.version
 
-    def _encode(self, text: str) -> list[int]:
-        return [int(t) for t in self.tokenizer.encode(text)]
-
     def generate(
         self,
         prompts: list[str],
@@ -540,13 +512,7 @@ class RemoteRollout(base_rollout.BaseRollout):
         **kwargs: Any,
     ) -> base_rollout.RolloutOutput:
         max_len = int(rollout_config.max_prompt_length)
-        ids = []
-        for p in prompts:
-            t = self._encode(str(p))
-            if len(t) > max_len:
-                logger.warning("prompt of %d tokens truncated to the last %d", len(t), max_len)
-                t = t[-max_len:]
-            ids.append(t)
+        ids = self.encode_prompts(prompts, max_len)
         temperature = float(rollout_config.temperature or 0.0)
         self._last_temperature = temperature
         params = {
@@ -558,20 +524,10 @@ class RemoteRollout(base_rollout.BaseRollout):
         }
         samples, versions, where = self.generate_ids(ids, params,
                                                      seed_to_int(rollout_config.seed))
-        pad = self.pad_id()
-        left = np.full((len(ids), max_len), pad, dtype=np.int32)
-        for i, t in enumerate(ids):
-            left[i, max_len - len(t):] = t
-        tokens = [np.asarray(s["tokens"], np.int32) for s in samples]
-        texts = [self.tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in tokens]
         self.last_versions, self.last_servers = versions, where
-        return base_rollout.RolloutOutput(
-            text=texts,
-            logits=None,
-            tokens=tokens,
-            left_padded_prompt_tokens=left,
-            logprobs=[np.asarray(s["logprobs"], np.float32) for s in samples],
-        )
+        return self.rollout_output(
+            ids, [np.asarray(s["tokens"], np.int32) for s in samples],
+            [np.asarray(s["logprobs"], np.float32) for s in samples], max_len)
 
     def generate_ids(
         self, ids: Sequence[Sequence[int]], params: dict[str, Any], seed: int | None
@@ -653,7 +609,6 @@ class RemoteRollout(base_rollout.BaseRollout):
 
     def update_params(self, params: Any, filter_types: Any = None, *, _copy: bool = True):
         """Push the weights to every server in parallel; wait for each to hold the version."""
-        from flax import nnx
 
         types = tuple(filter_types) if isinstance(filter_types, (tuple, list)) else (
             (filter_types,) if filter_types is not None else ()
@@ -690,19 +645,8 @@ class RemoteRollout(base_rollout.BaseRollout):
             version=version, seconds=time.perf_counter() - t0, bytes=payload.total_bytes,
             pack_seconds=t_pack, servers=sorted(per), failed=failed, per_server_seconds=per,
         )
-        if _copy and self._model is not None:
-            import jax
-            import jax.numpy as jnp
-
-            with jax.transfer_guard("allow"):
-                dst = nnx.state(self._model, nnx.Param)
-                src = params if not isinstance(params, nnx.Module) else nnx.state(
-                    params, nnx.Param)
-                new = jax.tree.map(
-                    lambda d, s: jax.device_put(jnp.copy(s), d.sharding).astype(d.dtype),
-                    dst, src,
-                )
-                nnx.update(self._model, new)
+        if _copy:
+            self.update_copy(params)
 
     def _refresh_for_push(self) -> None:
         for s in self.servers:
@@ -742,35 +686,6 @@ class RemoteRollout(base_rollout.BaseRollout):
             raise AllServersDownError(self._down_message())
         self.last_sync_diffs = diffs
         return max(diffs.values())
-
-    def get_per_token_logps(self, prompt_tokens: Any, completion_tokens: Any) -> Any:
-        """Logps of the current policy from the private copy (Tunix: num_iterations > 1)."""
-        if self._model is None:
-            raise NotImplementedError("RemoteRollout(keep_model_copy=False) cannot score tokens")
-        from flax import nnx
-        from tunix.rl import common
-
-        graphdef, state = nnx.split(self._model)
-        return common.compute_per_token_logps(
-            graphdef, state, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            pad_id=self.pad_id(), eos_id=self.eos_id(), stop_gradient=True, return_logits=False,
-            temperature=self._last_temperature,
-        )
-
-    def pad_id(self) -> int:
-        tok = self.tokenizer
-        if hasattr(tok, "pad_id"):
-            return int(tok.pad_id())
-        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-
-    def eos_id(self) -> int:
-        tok = self.tokenizer
-        if hasattr(tok, "eos_id"):
-            return int(tok.eos_id())
-        return int(tok.eos_token_id)
-
-    def model(self) -> Any:
-        return self._model
 
     def close(self) -> None:
         """Stop launched servers (by PID; SIGKILL after 5 s) and close connections."""

@@ -28,33 +28,20 @@ from tunix.rl.rollout import base_rollout
 
 from tunix_sglang.engine import EngineSettings, InProcessEngine, SyncReport
 from tunix_sglang.errors import UserError
+from tunix_sglang.rollout.common import (
+    CopyBackedRollout,
+    copy_params,
+    hf_tokenizer,
+    seed_to_int,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def _seed_to_int(seed: Any) -> int | None:
-    """RolloutConfig.seed may be an int, a numpy/jax scalar or a PRNG key array."""
-    if seed is None:
-        return None
-    if isinstance(seed, (int, np.integer)):
-        return int(seed) & 0x7FFFFFFF
-    import jax
-
-    arr = seed
-    if hasattr(arr, "dtype") and jax.dtypes.issubdtype(arr.dtype, jax.dtypes.prng_key):
-        arr = jax.random.key_data(arr)
-    flat = np.asarray(jax.device_get(arr)).astype(np.uint64).ravel()
-    h = np.uint64(1469598103934665603)
-    for v in flat:  # FNV-style fold of the key words into one int
-        h = (h ^ v) * np.uint64(1099511628211)
-    return int(h & np.uint64(0x7FFFFFFF))
-
-
-def _hf_tokenizer(tokenizer: Any) -> Any:
-    """The Hugging Face tokenizer behind Tunix's TokenizerAdapter (or the tokenizer itself)."""
-    from tunix.generate.tokenizer_adapter import TokenizerAdapter
-
-    return tokenizer.tokenizer if isinstance(tokenizer, TokenizerAdapter) else tokenizer
+# Names kept for modules that import them from here.
+_seed_to_int = seed_to_int
+_hf_tokenizer = hf_tokenizer
+_copy_params = copy_params
 
 
 def _param_dtype_name(model) -> str:
@@ -65,19 +52,7 @@ def _param_dtype_name(model) -> str:
     return str(leaves[0].dtype) if leaves else "float32"
 
 
-def _copy_params(model):
-    """A Tunix model with the same graph and freshly copied parameter arrays."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    with jax.transfer_guard("allow"):
-        copied = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, state)
-    return nnx.merge(graphdef, copied)
-
-
-class SglangJaxRollout(base_rollout.BaseRollout):
+class SglangJaxRollout(CopyBackedRollout):
     """Rollouts from an in-process sglang-jax engine, synced in memory from Tunix."""
 
     def __init__(
@@ -161,9 +136,6 @@ class SglangJaxRollout(base_rollout.BaseRollout):
     def weight_version(self) -> int:
         return self.engine.weight_version
 
-    def _encode(self, text: str) -> list[int]:
-        return [int(t) for t in self.tokenizer.encode(text)]
-
     def generate(
         self,
         prompts: list[str],
@@ -171,14 +143,7 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         **kwargs: Any,
     ) -> base_rollout.RolloutOutput:
         max_len = int(rollout_config.max_prompt_length)
-        pad = self.pad_id()
-        ids = []
-        for p in prompts:
-            t = self._encode(str(p))
-            if len(t) > max_len:
-                logger.warning("prompt of %d tokens truncated to the last %d", len(t), max_len)
-                t = t[-max_len:]
-            ids.append(t)
+        ids = self.encode_prompts(prompts, max_len)
         temperature = float(rollout_config.temperature or 0.0)
         self._last_temperature = temperature
         samples = self.engine.generate(
@@ -190,24 +155,11 @@ class SglangJaxRollout(base_rollout.BaseRollout):
             seed=_seed_to_int(rollout_config.seed),
             stop_token_ids=rollout_config.eos_tokens,
         )
-        left = np.full((len(ids), max_len), pad, dtype=np.int32)
-        for i, t in enumerate(ids):
-            if t:
-                left[i, max_len - len(t) :] = t
-        tokens = [s.tokens for s in samples]
-        texts = [self.tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in tokens]
-        return base_rollout.RolloutOutput(
-            text=texts,
-            logits=None,
-            tokens=tokens,
-            left_padded_prompt_tokens=left,
-            logprobs=[s.logprobs for s in samples],
-        )
+        return self.rollout_output(ids, [s.tokens for s in samples],
+                                   [s.logprobs for s in samples], max_len)
 
     def update_params(self, params: Any, filter_types: Any = None) -> None:
         """In-memory sync: engine weights, caches flushed, version bumped (+ copy, proof)."""
-        from flax import nnx
-
         types = tuple(filter_types) if isinstance(filter_types, (tuple, list)) else (
             (filter_types,) if filter_types is not None else ()
         )
@@ -217,22 +169,9 @@ class SglangJaxRollout(base_rollout.BaseRollout):
                 "weights or use full fine-tuning"
             )
         self.last_sync = self.engine.sync_from_tunix(params)
-        if self._model is not None:
-            import jax
-            import jax.numpy as jnp
-
-            t0 = time.perf_counter()
-            with jax.transfer_guard("allow"):
-                dst = nnx.state(self._model, nnx.Param)
-                src = params if not isinstance(params, nnx.Module) else nnx.state(
-                    params, nnx.Param
-                )
-                new = jax.tree.map(
-                    lambda d, s: jax.device_put(jnp.copy(s), d.sharding).astype(d.dtype),
-                    dst, src,
-                )
-                nnx.update(self._model, new)
-            logger.debug("rollout model copy updated in %.3fs", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        self.update_copy(params)
+        logger.debug("rollout model copy updated in %.3fs", time.perf_counter() - t0)
         if self.verify_on_update and self._model is not None:
             diff = self.verify_sync(self._model)
             if not diff <= self.verify_threshold:
@@ -246,48 +185,6 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         diff = self.engine.probe_logprob_diff(trainer_model)
         self.last_sync_diff = diff
         return diff
-
-    def get_per_token_logps(self, prompt_tokens, completion_tokens):
-        """Logps of the current rollout policy (Tunix calls it only when num_iterations > 1).
-
-        Computed with the private Tunix copy of the engine's weights, at the temperature of
-        the last rollout (as the engine's own logprobs are).
-        """
-        if self._model is None:
-            raise NotImplementedError(
-                "SglangJaxRollout(keep_model_copy=False) keeps no Tunix model to score tokens; "
-                "use num_iterations=1 or keep_model_copy=True"
-            )
-        from flax import nnx
-        from tunix.rl import common
-
-        graphdef, state = nnx.split(self._model)
-        return common.compute_per_token_logps(
-            graphdef,
-            state,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            pad_id=self.pad_id(),
-            eos_id=self.eos_id(),
-            stop_gradient=True,
-            return_logits=False,
-            temperature=self._last_temperature,
-        )
-
-    def pad_id(self) -> int:
-        tok = self.tokenizer
-        if hasattr(tok, "pad_id"):
-            return int(tok.pad_id())
-        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-
-    def eos_id(self) -> int:
-        tok = self.tokenizer
-        if hasattr(tok, "eos_id"):
-            return int(tok.eos_id())
-        return int(tok.eos_token_id)
-
-    def model(self) -> Any:
-        return self._model
 
     def close(self) -> None:
         self.engine.shutdown()
