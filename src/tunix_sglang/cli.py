@@ -18,6 +18,8 @@ _TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--local-model-dir", str, "Hugging Face style model dir (config.json, *.safetensors, "
      "tokenizer); unset: the embedded tiny Qwen3"),
     ("--sglang-mem-fraction-static", float, "share of device memory for the engine, in (0, 1)"),
+    ("--multihost-mode", str, "sglang_jax on several processes: host_local (one engine per "
+     "host) or lockstep (one engine spanning hosts; experimental on 0.0.2)"),
     ("--rollout-servers", str, "sglang_jax_remote: rollout server URLs, comma-separated"),
     ("--launch-servers", int, "sglang_jax_remote: start K local rollout servers for the run"),
     ("--num-generations", int, "completions per prompt (GRPO group size)"),
@@ -129,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        # Failures the run detects itself (a sync that did not arrive, hosts out of step):
+        # one line, not a traceback. Anything else keeps its traceback.
+        from tunix_sglang.cluster import DesyncError
+        from tunix_sglang.grpo_step import SyncCheckError
+
+        if not isinstance(e, (SyncCheckError, DesyncError)):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ class TrainConfig:
     rollout_devices: int = 0  # 0: the rollout shares every device with the trainer
     local_model_dir: str | None = None  # None: the embedded tiny model
     sglang_mem_fraction_static: float = 0.8
+    multihost_mode: str = "host_local"  # sglang_jax on several processes: host_local | lockstep
     rollout_servers: str | None = None  # sglang_jax_remote: URL,URL,... started elsewhere
     launch_servers: int = 0  # sglang_jax_remote: start K local rollout servers for the run
     num_generations: int = 4
@@ -66,6 +67,10 @@ class TrainConfig:
         for name in ("eval_every", "eval_limit"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+        if self.multihost_mode not in ("host_local", "lockstep"):
+            raise UserError(
+                f"--multihost-mode {self.multihost_mode!r} is unknown; use host_local or lockstep"
+            )
         if self.launch_servers < 0:
             raise UserError(f"--launch-servers {self.launch_servers}: must be >= 0")
         if self.rollout_engine == "sglang_jax_remote" and (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,7 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
 
     grpo_step.initial_sync(ctx)
     before = after = last = None
+    failed = False
     try:
         before = run_eval(start, f"eval at step {start}")
         for step in range(start + 1, cfg.steps + 1):
@@ -248,13 +250,22 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 run_eval(step, f"eval at step {step}")
         after = run_eval(cfg.steps, f"eval at step {cfg.steps}")
+    except BaseException:
+        failed = True
+        raise
     finally:
         console.close()
         writer.close()
-        close = getattr(cluster.rollout, "close", None)
-        cluster.close()  # writes the last checkpoint
-        if close:
-            close()
+        try:
+            cluster.close()  # writes the last checkpoint
+        except Exception as e:  # never mask the error that stopped the run
+            if not failed:
+                raise
+            print(f"warning: final checkpoint not written: {str(e)[:200]}", file=sys.stderr)
+        finally:
+            close = getattr(cluster.rollout, "close", None)
+            if close:
+                close()
     if before is not None:
         print(evaluate.summary_line(before, after), flush=True)
     if primary:

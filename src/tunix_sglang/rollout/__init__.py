@@ -18,6 +18,12 @@ def engine_for(cfg: TrainConfig, model_dir: Any) -> Any:
     if cfg.rollout_engine == "vanilla":
         return "vanilla"  # Tunix's own sampler: the reference and the fallback
     if cfg.rollout_engine == "sglang_jax":
+        import jax
+
+        if jax.process_count() > 1:  # host-local engines (or lockstep): see rollout/multihost
+            from tunix_sglang.rollout import multihost
+
+            return multihost.engine_for(cfg, model_dir)
         try:
             from tunix_sglang.rollout.sglang_inprocess import SglangJaxRollout
         except ImportError as e:
