@@ -67,6 +67,8 @@ def _quiet_logs() -> None:
     default_platform()
     if os.environ.get("TUNIX_SGLANG_VERBOSE"):
         return
+    # sglang-jax draws progress bars for its precompiles; ours (Console) opts back in.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger().setLevel(logging.WARNING)
     try:
         from absl import logging as absl_logging

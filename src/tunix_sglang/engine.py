@@ -400,7 +400,8 @@ def tunix_logits(model, seqs: Sequence[Sequence[int]]) -> np.ndarray:
 
     Sequences are right-padded to a multiple of 16 (causal attention: padding after a
     position cannot change it) and the batch to a multiple of the model's mesh size, so
-    repeated calls reuse a few compiled shapes.
+    repeated calls reuse a few compiled shapes. Inputs must be the same on every process when
+    the model spans processes; the output is then gathered to every host.
     """
     import jax
     import jax.numpy as jnp
@@ -421,6 +422,10 @@ def tunix_logits(model, seqs: Sequence[Sequence[int]]) -> np.ndarray:
         out = _jitted_tunix_forward()(
             model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask)
         )
+        if not out.is_fully_addressable:  # params spanning processes: every host gets all
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n]
         return np.asarray(jax.device_get(out))[:n]
 
 

@@ -67,7 +67,7 @@ class Console:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, file=self.stream, unit="step",
-                            dynamic_ncols=True)
+                            dynamic_ncols=True, disable=False)
 
     def line(self, text: str) -> None:
         if self.bar is not None:

@@ -468,16 +468,6 @@ class MultihostSglangRollout(SglangJaxRollout):
         return box["value"]
 
     # -- generate ---------------------------------------------------------------------------
-    def _prompt_ids(self, prompts: Sequence[str], max_len: int) -> list[list[int]]:
-        ids = []
-        for p in prompts:
-            t = [int(x) for x in self.tokenizer.encode(str(p))]
-            if len(t) > max_len:
-                logger.warning("prompt of %d tokens truncated to the last %d", len(t), max_len)
-                t = t[-max_len:]
-            ids.append(t)
-        return ids
-
     def _sample(self, ids: list[list[int]], rc: base_rollout.RolloutConfig, seed: int | None,
                 what: str) -> list[engine_lib.Sample]:
         if not ids:
@@ -500,7 +490,7 @@ class MultihostSglangRollout(SglangJaxRollout):
         call = self._calls
         max_len = int(rollout_config.max_prompt_length)
         width = int(rollout_config.max_tokens_to_generate)
-        ids = self._prompt_ids(prompts, max_len)
+        ids = self.encode_prompts(prompts, max_len)
         seed = _seed_to_int(rollout_config.seed)
         bounded_barrier(f"multihost/generate{call}", self.timeout_s)
         t0 = time.perf_counter()
@@ -650,30 +640,5 @@ class MultihostSglangRollout(SglangJaxRollout):
 
 
 def global_logits(model: Any, seqs: Sequence[Sequence[int]]) -> np.ndarray:
-    """Float32 logits [len(seqs), L, vocab] of a Tunix model whose params may span processes.
-
-    Inputs are numpy (the same on every process); the output is gathered to host numpy.
-    """
-    import jax
-    import jax.numpy as jnp
-    from jax.experimental import multihost_utils
-
-    n = len(seqs)
-    length = engine_lib._bucket(max(len(x) for x in seqs))  # noqa: SLF001 (shared buckets)
-    mesh = engine_lib._model_mesh(model)  # noqa: SLF001
-    per = int(mesh.devices.size) if mesh is not None else 1
-    rows = -(-n // per) * per
-    tokens = np.zeros((rows, length), np.int32)
-    for i in range(rows):
-        src = seqs[min(i, n - 1)]
-        tokens[i, : len(src)] = src
-    positions = np.tile(np.arange(length, dtype=np.int32)[None], (rows, 1))
-    mask = np.tile(np.tril(np.ones((length, length), bool))[None], (rows, 1, 1))
-    ctx = mesh if mesh is not None else contextlib.nullcontext()
-    with ctx, jax.transfer_guard("allow"):
-        out = engine_lib._jitted_tunix_forward()(  # noqa: SLF001
-            model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask)
-        )
-        if not out.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n]
-        return np.asarray(jax.device_get(out))[:n]
+    """Logits of a Tunix model whose params may span processes (gathered to every host)."""
+    return engine_lib.tunix_logits(model, seqs)
