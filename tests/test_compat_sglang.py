@@ -254,7 +254,8 @@ def test_idle_scheduler_waits(monkeypatch):
     import zmq
     from sgl_jax.srt.managers.scheduler import Scheduler
 
-    monkeypatch.setattr(fixes, "IDLE_WAIT_S", 0.3)
+    # Generous bounds: the point is "waits" vs "returns at once", on a possibly loaded machine.
+    monkeypatch.setattr(fixes, "IDLE_WAIT_S", 2.0)
     ctx = zmq.Context()
     sched = _fake_scheduler(ctx)
     try:
@@ -262,23 +263,23 @@ def test_idle_scheduler_waits(monkeypatch):
         for _ in range(200):
             assert ORIG["Scheduler.recv_requests"](sched) == []
         spin = (time.perf_counter() - t0) / 200
-        assert spin < 0.01  # the original returns at once: the idle loop spins a core
+        assert spin < 0.05  # the original returns at once: the idle loop spins a core
         t0 = time.perf_counter()
         assert Scheduler.recv_requests(sched) == []
-        assert time.perf_counter() - t0 >= 0.25  # the fixed one waits when idle
+        assert time.perf_counter() - t0 >= 1.5  # the fixed one waits when idle
         ctl = fixes.control(sched)
         done = []
         threading.Timer(0.05, lambda: done.append(ctl.submit(lambda s: 42))).start()
         t0 = time.perf_counter()
         Scheduler.recv_requests(sched)
-        assert time.perf_counter() - t0 < 0.25  # woken by the engine, ran its call
+        assert time.perf_counter() - t0 < 1.0  # woken by the engine, ran its call
         assert done[0].result(1) == 42
         push = ctx.socket(zmq.PUSH)
         push.connect("inproc://tok")
         threading.Timer(0.05, lambda: push.send_pyobj("req")).start()
         t0 = time.perf_counter()
         got = Scheduler.recv_requests(sched)
-        assert got == ["req"] and time.perf_counter() - t0 < 0.25  # woken by a request
+        assert got == ["req"] and time.perf_counter() - t0 < 1.0  # woken by a request
         ctl.stop = True
         with pytest.raises(SystemExit):
             Scheduler.recv_requests(sched)
