@@ -43,3 +43,27 @@ def run_cli(cli_env):
         )
 
     return run
+
+
+def one_device_mesh():
+    """The ("fsdp", "tp") mesh Tunix models are loaded on in tests: the first device."""
+    import jax
+    import numpy as np
+
+    return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def perturbed(model, scale: float = 0.05, seed: int = 1):
+    """A new Tunix model: every float parameter plus Gaussian noise (the original untouched)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype)
+             if jnp.issubdtype(x.dtype, jnp.floating) else x
+             for x, k in zip(leaves, keys, strict=True)]
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, noisy))

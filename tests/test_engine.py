@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_device_mesh, perturbed
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -39,29 +40,11 @@ MAX_PROMPT, MAX_NEW, BATCH = 32, 16, 8
 PROMPTS = [[11, 23, 42, 7, 99], [5, 64, 31, 17, 3, 58, 12], [300, 301]]
 
 
-def _mesh():
-    return jax.sharding.Mesh(
-        np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"),
-        axis_types=(jax.sharding.AxisType.Auto,) * 2,
-    )
-
 
 def trainer_greedy(model, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens from the Tunix model: n full forward passes, no KV cache."""
     return tunix_greedy(model, prompt, n)
 
-
-def perturbed(model, scale: float = 0.05, seed: int = 1):
-    """A new Tunix model: every parameter plus Gaussian noise (the original is untouched)."""
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [
-        x + scale * jax.random.normal(k, x.shape, x.dtype)
-        if jnp.issubdtype(x.dtype, jnp.floating) else x
-        for x, k in zip(leaves, keys, strict=True)
-    ]
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, noisy))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +55,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trainer(model_dir):
-    return load_model(inspect_model_dir(model_dir), _mesh())
+    return load_model(inspect_model_dir(model_dir), one_device_mesh())
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +265,7 @@ def test_rollout_as_rlcluster_builds_it(tmp_path_factory):
     from tunix_sglang.rollout.sglang_inprocess import SglangJaxRollout
 
     md = inspect_model_dir(ensure_tiny_model(cache_dir=tmp_path_factory.mktemp("tied")))
-    actor = load_model(md, _mesh())
+    actor = load_model(md, one_device_mesh())
     tok = TokenizerAdapter(load_tokenizer(md))
 
     class TrainCfg:  # the fields the rollout reads from the project's TrainConfig
@@ -293,7 +276,7 @@ def test_rollout_as_rlcluster_builds_it(tmp_path_factory):
                                     temperature=1.0, top_p=1.0, top_k=None,
                                     eos_tokens=[tok.eos_id()], seed=3)
     factory = functools.partial(SglangJaxRollout, model_dir=md, train_config=TrainCfg())
-    rollout = factory(rollout_actor=actor, tokenizer=tok, mesh=_mesh(), rollout_config=rc)
+    rollout = factory(rollout_actor=actor, tokenizer=tok, mesh=one_device_mesh(), rollout_config=rc)
     try:
         assert rollout.weight_version == 1 and rollout.last_sync.num_params > 0
         assert rollout.model() is not actor

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import one_device_mesh, perturbed
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -36,18 +37,6 @@ PROMPTS = ["Tom has 3 apples", "How many books", "Anna gives away 5 cookies", "W
 G = 2
 
 
-def _mesh():
-    return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"),
-                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
-def perturbed(model, scale: float = 0.05, seed: int = 1):
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys,
-                                                                               strict=True)]
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, noisy))
 
 
 class TrainCfg:  # the TrainConfig fields the controller reads
@@ -62,7 +51,7 @@ def md():
 
 @pytest.fixture(scope="module")
 def actor(md):
-    return load_model(md, _mesh())
+    return load_model(md, one_device_mesh())
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +73,7 @@ def rollout_config(tok, temperature: float = 0.0, seed: int = 3):
 def rollout(md, actor, tok):
     factory = functools.partial(RemoteRollout, model_dir=md, train_config=TrainCfg(),
                                 launch_servers=2, request_timeout=60, rollout_timeout=120)
-    r = factory(rollout_actor=actor, tokenizer=tok, mesh=_mesh(),
+    r = factory(rollout_actor=actor, tokenizer=tok, mesh=one_device_mesh(),
                 rollout_config=rollout_config(tok))
     yield r
     r.close()
@@ -124,7 +113,7 @@ def test_grouping_and_balance():
 def test_no_reachable_server_is_a_clean_error(actor, tok):
     t0 = time.monotonic()
     with pytest.raises(AllServersDownError, match="all 1 rollout servers are down"):
-        RemoteRollout(actor, tok, _mesh(), rollout_config(tok), servers="127.0.0.1:9")
+        RemoteRollout(actor, tok, one_device_mesh(), rollout_config(tok), servers="127.0.0.1:9")
     assert time.monotonic() - t0 < 15
 
 

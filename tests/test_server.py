@@ -13,11 +13,10 @@ import zlib
 import httpx
 import numpy as np
 import pytest
+from conftest import one_device_mesh, perturbed
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from tunix_sglang.models import inspect_model_dir, load_model  # noqa: E402
 from tunix_sglang.rollout.remote import (  # noqa: E402
@@ -34,18 +33,6 @@ TOKEN = "s3cret-test-token"
 MAX_PROMPT, MAX_NEW = 32, 8
 
 
-def _mesh():
-    return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"),
-                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
-def perturbed(model, scale: float = 0.05, seed: int = 1):
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys,
-                                                                               strict=True)]
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, noisy))
 
 
 def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
@@ -67,7 +54,7 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def trainer(model_dir):
-    return load_model(inspect_model_dir(model_dir), _mesh())
+    return load_model(inspect_model_dir(model_dir), one_device_mesh())
 
 
 @pytest.fixture(scope="module")
