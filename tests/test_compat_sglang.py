@@ -269,10 +269,12 @@ def test_idle_scheduler_waits(monkeypatch):
         assert time.perf_counter() - t0 >= 1.5  # the fixed one waits when idle
         ctl = fixes.control(sched)
         done = []
-        threading.Timer(0.05, lambda: done.append(ctl.submit(lambda s: 42))).start()
+        timer = threading.Timer(0.05, lambda: done.append(ctl.submit(lambda s: 42)))
+        timer.start()
         t0 = time.perf_counter()
         Scheduler.recv_requests(sched)
         assert time.perf_counter() - t0 < 1.0  # woken by the engine, ran its call
+        timer.join()  # the timer thread appends the future after its submit woke us
         assert done[0].result(1) == 42
         push = ctx.socket(zmq.PUSH)
         push.connect("inproc://tok")
@@ -285,6 +287,60 @@ def test_idle_scheduler_waits(monkeypatch):
             Scheduler.recv_requests(sched)
         push.close(0)
     finally:
+        sched.recv_from_tokenizer.close(0)
+        sched.recv_from_rpc.close(0)
+        ctx.term()
+
+
+def test_engine_call_one_batch():
+    """All requests of one engine call are received together, however they trickle in.
+
+    The tokenizer manager sends a batched call one request at a time; a scheduler that
+    looks while the call is half sent would prefill it in pieces (timing-dependent programs:
+    multi-host lockstep drifts apart). Here 1 of 3 requests is queued before the scheduler
+    looks and the other 2 arrive 0.2 s later.
+    """
+    import zmq
+    from sgl_jax.srt.managers.io_struct import TokenizedGenerateReqInput
+    from sgl_jax.srt.managers.scheduler import Scheduler
+
+    def req(i):
+        r = object.__new__(TokenizedGenerateReqInput)
+        r.rid = f"r{i}"
+        return r
+
+    ctx = zmq.Context()
+    sched = _fake_scheduler(ctx)
+    push = ctx.socket(zmq.PUSH)
+    push.connect("inproc://tok")
+    ctl = fixes.control(sched)
+
+    def one_call(recv):
+        ctl.expect = 3
+        push.send_pyobj(req(0))
+        time.sleep(0.05)
+        t = threading.Timer(0.2, lambda: [push.send_pyobj(req(i)) for i in (1, 2)])
+        t.start()
+        got = [r.rid for r in recv(sched)]
+        t.join()
+        time.sleep(0.05)
+        while rest := fixes.ORIGINALS["Scheduler.recv_requests"](sched):
+            got.append(["later"] + [r.rid for r in rest])
+        return got
+
+    try:
+        before = fixes.ORIGINALS["Scheduler.recv_requests.one_batch"]  # (idle fix only)
+        assert one_call(before) == ["r0", ["later", "r1", "r2"]]  # a 1 + 2 split
+        assert one_call(Scheduler.recv_requests) == ["r0", "r1", "r2"]  # one batch
+        assert ctl.expect == 0
+        ctl.expect = 0  # nothing announced: nothing awaited
+        push.send_pyobj(req(9))
+        time.sleep(0.05)
+        t0 = time.perf_counter()
+        assert [r.rid for r in Scheduler.recv_requests(sched)] == ["r9"]
+        assert time.perf_counter() - t0 < 1.0
+    finally:
+        push.close(0)
         sched.recv_from_tokenizer.close(0)
         sched.recv_from_rpc.close(0)
         ctx.term()

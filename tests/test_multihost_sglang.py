@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,6 +143,16 @@ def test_share_bounds_cover_the_batch_contiguously():
         assert all(b[i][1] == b[i + 1][0] for i in range(p - 1))
 
 
+def test_uneven_shares_for_the_naive_configuration():
+    assert multihost.uneven_share_bounds(4, 2) == [(0, 1), (1, 4)]
+    for n, p in ((8, 3), (16, 4), (6, 2)):
+        b = multihost.uneven_share_bounds(n, p)
+        assert b[0][0] == 0 and b[-1][1] == n
+        assert all(b[i][1] == b[i + 1][0] for i in range(p - 1))
+        sizes = [hi - lo for lo, hi in b]
+        assert len(set(sizes)) == p and min(sizes) >= 1  # every host a different size
+
+
 def test_host_seeds_differ_per_host_and_are_reproducible():
     assert multihost.host_seed(None, 1) is None
     seeds = [multihost.host_seed(1234, i) for i in range(4)]
@@ -251,43 +262,48 @@ def test_host_local_two_processes_identical_losses(tmp_path, cli_env, eos_model)
                for r in s0), s0
 
 
-def test_lockstep_runs_or_reports_desync(tmp_path, cli_env):
-    """Lockstep (one engine over both processes, process 0's inputs broadcast, one seed).
+def test_lockstep_with_sampling_trains_in_step(tmp_path, cli_env, eos_model):
+    """Lockstep: one engine over both processes, process 0's inputs broadcast, one seed.
 
-    With sglang-jax 0.0.2 on CPU this is not reliable: runs where every completion reaches
-    max_new_tokens finish with identical losses, others desync within a call or two. The
-    contract tested is the one that must hold: identical results, or a reported desync
-    naming the stuck call / missing process, and every process exits in bounded time.
+    Temperature-1 sampling with random EOS times (completions of many lengths): both
+    processes must finish with identical losses, every call having passed the check that
+    both submitted the same requests, ran the same number of engine programs and got the
+    same completions.
     """
     out = tmp_path / "run"
-    cfg = train_cfg(out, Path("unused"), 2)
-    cfg.pop("local_model_dir")
-    codes, logs, secs = run_cluster(tmp_path, cli_env, cfg, "lockstep")
+    codes, logs, secs = run_cluster(tmp_path, cli_env, train_cfg(out, eos_model, 3),
+                                    "lockstep", timeout=500)
     both = logs[0] + logs[1]
-    assert None not in codes and secs < 380, (codes, both[-4000:])
-    if codes == [0, 0]:
-        _assert_same_run(out, 2)
-        s0 = rows(out / "multihost_rollout.process0.jsonl")
-        assert all(r["mode"] == "lockstep" for r in s0)
-    else:
-        assert "tunix-sglang multihost:" in both, both[-4000:]
-        assert "lockstep" in both or "missing process" in both, both[-4000:]
+    assert codes == [0, 0], (codes, both[-4000:])
+    assert "tunix-sglang multihost:" not in both, both[-4000:]
+    for log in logs:
+        assert "DONE: steps=3" in log
+    _assert_same_run(out, 3)
+    s0 = rows(out / "multihost_rollout.process0.jsonl")
+    s1 = rows(out / "multihost_rollout.process1.jsonl")
+    assert all(r["mode"] == "lockstep" for r in s0)
+    assert [r["host_completion_lengths"] for r in s0] == [r["host_completion_lengths"]
+                                                           for r in s1]
+    lengths = {n for r in s0 for h in r["host_completion_lengths"] for n in h}
+    assert len(lengths) >= 3, lengths  # EOS at varied times, not all max_new_tokens
 
 
 def test_naive_global_engine_is_detected_not_hung(tmp_path, cli_env, eos_model):
-    """One engine mesh over both processes, each scheduling its own prompts (the reported
-    configuration). It must never hang: either a bounded barrier / the engine-call watchdog
-    reports the desync (naming the process or the configuration) and every process exits,
-    or - on CPU with a data-parallel-only engine mesh, whose decode programs need no
-    cross-process collective - the processes happen to stay in step and finish."""
+    """One engine mesh over both processes, each submitting its own, differently sized share
+    (the reported configuration). Run as is, it aborts both processes inside gloo on the
+    first call ("Received data size doesn't match expected size ... collective mismatch":
+    measured) or hangs (TPU). It must instead be reported on the first call by the pre-call
+    check, naming the configuration and what differs, and every process must exit."""
     out = tmp_path / "run"
     codes, logs, secs = run_cluster(
-        tmp_path, cli_env, train_cfg(out, eos_model, 8), multihost.NAIVE_MODE, timeout=300,
+        tmp_path, cli_env, train_cfg(out, eos_model, 4), multihost.NAIVE_MODE, timeout=300,
         extra_env={multihost.ENV_TIMEOUT: "15"})
     both = logs[0] + logs[1]
     assert secs < 280 and None not in codes, (codes, both[-4000:])  # nothing hung
-    if any(codes):
-        assert "tunix-sglang multihost:" in both, both[-4000:]
-        assert ("naive_unsafe" in both or "missing process" in both), both[-4000:]
-    else:
-        assert all("DONE: steps=8" in log for log in logs)
+    assert all(c != 0 for c in codes), (codes, both[-4000:])
+    assert "DONE:" not in both
+    for log in logs:  # every process reports it itself
+        assert re.search(r"tunix-sglang multihost: process \d: naive_unsafe generate #1: "
+                         r"process\(es\) \[1\] had different requests, request counts "
+                         r"than process 0 before the call", log), log[-4000:]
+    assert "collective mismatch" not in both

@@ -78,6 +78,9 @@ class EngineSettings:
     rollout_devices: `--rollout-devices N`: the engine runs on the first N local devices
       (None: the first `tp_size`).
     device_ids: explicit device ids instead (overrides rollout_devices).
+    global_devices: choose among every process's devices (`jax.devices()`), not only this
+      process's: one engine mesh spanning several processes (multi-host lockstep). Every
+      process must then start the engine with the same settings.
     """
 
     model_path: str
@@ -87,6 +90,7 @@ class EngineSettings:
     mem_fraction_static: float = 0.8
     rollout_devices: int | None = None
     device_ids: tuple[int, ...] | None = None
+    global_devices: bool = False
     tp_size: int = 1
     dtype: str = "float32"
     seed: int = 0
@@ -207,24 +211,28 @@ class EngineSettings:
 
 
 def select_devices(settings: EngineSettings) -> list:
-    """The devices the engine runs on: explicit ids, else the first N local devices."""
+    """The devices the engine runs on: explicit ids, else the first N devices; among this
+    process's devices, or every process's with `settings.global_devices`."""
     import jax
 
-    local = jax.local_devices()
+    pool = jax.devices() if settings.global_devices else jax.local_devices()
+    kind = "devices" if settings.global_devices else "local devices"
     if settings.device_ids is not None:
-        by_id = {d.id: d for d in local}
+        by_id = {d.id: d for d in pool}
         missing = [i for i in settings.device_ids if i not in by_id]
         if missing:
-            raise UserError(f"rollout device ids {missing} are not local devices {sorted(by_id)}")
+            raise UserError(f"rollout device ids {missing} are not {kind} {sorted(by_id)}")
         devs = [by_id[i] for i in settings.device_ids]
+    elif settings.global_devices and settings.rollout_devices is None:
+        devs = list(pool)  # a global engine spans every device unless told otherwise
     else:
         n = settings.rollout_devices or settings.tp_size
-        if n > len(local):
+        if n > len(pool):
             hint = ""
-            if jax.default_backend() == "cpu":
+            if jax.default_backend() == "cpu" and not settings.global_devices:
                 hint = f"; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n}"
-            raise UserError(f"--rollout-devices {n}: only {len(local)} local devices{hint}")
-        devs = list(local[:n])
+            raise UserError(f"--rollout-devices {n}: only {len(pool)} {kind}{hint}")
+        devs = list(pool[:n])
     if len(devs) % settings.tp_size:
         raise UserError(
             f"--rollout-devices {len(devs)} is not a multiple of the engine tp size "
@@ -707,11 +715,15 @@ class InProcessEngine:
             params["stop_token_ids"] = [int(t) for t in stop_token_ids]
         with self._lock:
             self._check_alive()
+            # Runs on the scheduler thread once it is idle: every call starts from the same
+            # scheduler state (idle resets included), whatever the thread timing.
             if seed is not None:
                 from tunix_sglang.compat.sglang_jax_fixes import set_sampler_seed
 
                 runner = self._runner
                 self.on_scheduler(lambda _s: set_sampler_seed(runner, int(seed)))
+            else:
+                self.on_scheduler(lambda _s: None)
             # Logprobs come from the sampler through the scheduler (fix_logprob_capture), not
             # from `return_logprob`, which recompiles the model for every batch composition.
             rids = [f"tsg-{uuid.uuid4().hex}" for _ in prompts]

@@ -26,6 +26,7 @@ Problems handled (numbers refer to /work/shared/notes/dependencies-on-cpu.md):
      importing the engine disables `threading._register_atexit` (thread pools are no longer
      joined at exit: async checkpoint writes can be cut off) -> threading_atexit_restored
      mesh built from all of `jax.devices()`                    -> engine_device_subset
+     one call's requests scheduled in timing-dependent pieces  -> engine_call_one_batch
 Problem 6 (page_size > 1 wrong on CPU) is a configuration rule, in tunix_sglang.engine.
 Problem 10 (wrong output ids with the engine's tokenizer) is avoided by
 `skip_tokenizer_init=True`, also in the engine.
@@ -215,6 +216,28 @@ def forward_closes_over_weights(model_runner_cls) -> bool:
     return "model_state_leaves" in src and "self.model_state_leaves" not in src
 
 
+def place_replicated(x, sharding):
+    """`x` replicated on `sharding`, also when the sharding spans several processes.
+
+    `jax.device_put` refuses to move an array committed to one device onto devices of other
+    processes ("...represents addressable devices"), and typed PRNG key arrays onto any
+    non-addressable sharding. Every process holds the same value here (the engine was
+    created from the same seed everywhere), so each places its host copy: numpy for plain
+    arrays, the raw key data re-wrapped (same key implementation) for typed keys.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if not isinstance(x, jax.Array) or sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+        return jax.random.wrap_key_data(data, impl=impl)
+    return jax.device_put(np.asarray(x), sharding)
+
+
 def _initialize_jit_reading_attributes(self) -> None:
     """Replacement for ModelRunner.initialize_jit (0.0.2 semantics, same jitted programs).
 
@@ -234,7 +257,7 @@ def _initialize_jit_reading_attributes(self) -> None:
         # The sampler's RNG state is created on the default device; put it on the engine's
         # mesh (replicated), or an engine on other devices fails with "incompatible devices".
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        s_leaves = [jax.device_put(x, replicated) for x in s_leaves]
+        s_leaves = [place_replicated(x, replicated) for x in s_leaves]
 
     self.model_def = model_def
     self.model_state_def = model_state_def
@@ -455,6 +478,7 @@ def set_sampler_seed(runner, seed: int) -> None:
     """
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     idx = _sampler_rng_leaves(runner)
     leaves = list(runner.sampler_state_leaves)
@@ -462,9 +486,10 @@ def set_sampler_seed(runner, seed: int) -> None:
         cur = leaves[i]
         typed = jnp.issubdtype(cur.dtype, jax.dtypes.prng_key)
         new = jax.random.key(seed) if typed else jax.random.PRNGKey(seed)
-        leaves[i] = jax.device_put(new, cur.sharding)
+        leaves[i] = place_replicated(new, cur.sharding)
     for i in idx["count"]:
-        leaves[i] = jax.device_put(jnp.zeros_like(leaves[i]), leaves[i].sharding)
+        cur = leaves[i]
+        leaves[i] = place_replicated(np.zeros(cur.shape, cur.dtype), cur.sharding)
     runner.sampler_state_leaves = leaves
 
 
@@ -651,8 +676,9 @@ class SchedulerControl:
         self.logprob_rids: set[str] = set()
         self.logprobs: dict[str, list[float]] = {}
         self.logprobs_failed: set[str] = set()
-        # generate requests an engine is about to send; an idle scheduler waits for all of
-        # them so one call is scheduled the same way every time (seeded runs reproduce).
+        # generate requests an engine call is about to send: once one is in, the scheduler
+        # waits for all of them (fix_engine_call_one_batch), so a call is scheduled the same
+        # way every time (seeded calls reproduce; multi-host lockstep stays in step).
         self.expect = 0
 
     def want_logprobs(self, rids) -> None:
@@ -746,28 +772,6 @@ def idle_loop_spins(scheduler_cls) -> bool:
     )
 
 
-def _gather_expected(sched, ctl: SchedulerControl, reqs: list, poller, orig) -> list:
-    """Keep receiving until the `ctl.expect` generate requests of one engine call are in."""
-    if ctl.expect <= 0 or not reqs:
-        return reqs
-    import time
-
-    from sgl_jax.srt.managers.io_struct import TokenizedGenerateReqInput
-
-    def count(rs):
-        return sum(isinstance(r, TokenizedGenerateReqInput) for r in rs)
-
-    got = count(reqs)
-    deadline = time.monotonic() + 10.0
-    while got < ctl.expect and time.monotonic() < deadline and not ctl.stop:
-        poller.poll(50)
-        more = orig(sched)
-        reqs.extend(more)
-        got += count(more)
-    ctl.expect = max(0, ctl.expect - got)
-    return reqs
-
-
 class SchedulerStopped(SystemExit):
     """Raised inside the scheduler thread to end its loop (SystemExit: not an error)."""
 
@@ -785,7 +789,7 @@ def fix_idle_scheduler_waits() -> bool:
     import zmq
     from sgl_jax.srt.managers.scheduler import Scheduler
 
-    if getattr(Scheduler.recv_requests, "_tunix_sglang_fix", False):
+    if "Scheduler.recv_requests" in ORIGINALS:
         return False
     if not idle_loop_spins(Scheduler):
         return False
@@ -813,10 +817,98 @@ def fix_idle_scheduler_waits() -> bool:
         if ctl.stop:
             raise SchedulerStopped()
         ctl.run_calls(self)
-        reqs = orig(self)
-        return _gather_expected(self, ctl, reqs, poller, orig)
+        return orig(self)
 
     recv_requests._tunix_sglang_fix = True
+    Scheduler.recv_requests = recv_requests
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# One engine call = one scheduling decision (multi-host lockstep)
+# ---------------------------------------------------------------------------------------
+
+EXPECT_WAIT_S = 60.0  # longest wait for the rest of one call's requests
+
+
+def batch_requests_arrive_separately(tokenizer_manager_cls, scheduler_cls) -> bool:
+    """True when a batched generate is sent to the scheduler one request at a time (with
+    awaits in between) and the scheduler takes whatever has arrived (non-blocking)."""
+    send = _src(tokenizer_manager_cls._handle_batch_request)
+    recv = _src(ORIGINALS.get("Scheduler.recv_requests", scheduler_cls.recv_requests))
+    return ("for i in range(batch_size)" in send and "_send_one_request" in send
+            and "zmq.NOBLOCK" in recv)
+
+
+def gather_expected(sched, ctl: SchedulerControl, reqs: list, receive) -> list:
+    """Keep receiving until all `ctl.expect` generate requests of one engine call are in.
+
+    Only once at least one of them has arrived (else the loop simply comes back), for at
+    most EXPECT_WAIT_S; the engine resets `ctl.expect` when its call fails or ends.
+    """
+    if ctl.expect <= 0 or not reqs:
+        return reqs
+    import time
+
+    import zmq
+    from sgl_jax.srt.managers.io_struct import TokenizedGenerateReqInput
+
+    def count(rs):
+        return sum(isinstance(r, TokenizedGenerateReqInput) for r in rs)
+
+    got = count(reqs)
+    if got == 0:
+        return reqs
+    poller = zmq.Poller()
+    poller.register(sched.recv_from_tokenizer, zmq.POLLIN)
+    deadline = time.monotonic() + EXPECT_WAIT_S
+    while got < ctl.expect and time.monotonic() < deadline and not ctl.stop:
+        poller.poll(50)
+        more = receive(sched)
+        reqs.extend(more)
+        got += count(more)
+    if got < ctl.expect and ctl.expect > 0:
+        logger.warning("engine call: %d of %d requests arrived in %ss; scheduling them",
+                       got, ctl.expect, EXPECT_WAIT_S)
+    ctl.expect = max(0, ctl.expect - got)
+    return reqs
+
+
+def fix_engine_call_one_batch() -> bool:
+    """Schedule all requests of one engine call together, whatever the thread timing.
+
+    The tokenizer manager sends a batched generate one request at a time, awaiting between
+    sends, while the scheduler thread takes whatever has arrived: a call of 8 prompts may
+    be prefilled as 4 + 4 or as 8 depending on when the scheduler thread looks. The number
+    of forward and sampling programs, their shapes and the random draws then depend on
+    timing: seeded calls do not reproduce, and in multi-host lockstep (one engine mesh over
+    several processes, identical requests everywhere) the processes run different programs
+    and drift apart (measured: one process prefilled a call of 8 as 4 + 4, the other as
+    8; the second finished the call while the first, one program behind, never did). The
+    engine announces how many requests a call sends
+    (`control(s).expect`); once the first has arrived, the scheduler waits (bounded) for the
+    rest before scheduling any of them.
+    """
+    from sgl_jax.srt.managers.scheduler import Scheduler
+    from sgl_jax.srt.managers.tokenizer_manager import TokenizerManager
+
+    inner = Scheduler.recv_requests
+    if getattr(inner, "_tunix_sglang_one_batch", False):
+        return False
+    if not batch_requests_arrive_separately(TokenizerManager, Scheduler):
+        return False
+    receive = ORIGINALS.get("Scheduler.recv_requests", inner)  # one non-blocking receive
+    ORIGINALS["Scheduler.recv_requests.one_batch"] = inner
+
+    @functools.wraps(inner)
+    def recv_requests(self):
+        reqs = inner(self)
+        if self.nnodes != 1 or self.node_rank != 0:
+            return reqs
+        return gather_expected(self, control(self), reqs, receive)
+
+    recv_requests._tunix_sglang_fix = True
+    recv_requests._tunix_sglang_one_batch = True
     Scheduler.recv_requests = recv_requests
     return True
 
@@ -1150,6 +1242,8 @@ FIXES: list[tuple[str, Callable[[], bool], str]] = [
      "untied lm_head was bfloat16 whatever the model dtype"),
     ("sglang_jax.idle_scheduler_waits", fix_idle_scheduler_waits,
      "idle scheduler loop spun without sleeping, stealing the trainer's CPU"),
+    ("sglang_jax.engine_call_one_batch", fix_engine_call_one_batch,
+     "one call's requests were scheduled in timing-dependent pieces (lockstep drift)"),
     ("sglang_jax.scheduler_errors_contained", fix_scheduler_errors_contained,
      "scheduler errors SIGQUIT the process tree; watchdog signalled the parent process"),
     ("sglang_jax.keep_process_signal_handlers", fix_keep_process_signal_handlers,

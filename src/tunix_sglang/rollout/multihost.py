@@ -12,19 +12,23 @@ EOS times) and the hosts would enter different collectives: a hang, or on TPU
   sharded trainer weights to host memory (`process_allgather(tiled=True)`) and writes them
   into the host-local engine; under Pathways (`JAX_PLATFORMS` contains `proxy` and
   `pathwaysutils` imports) its experimental reshard moves them device to device instead.
-* ``lockstep``: one engine whose mesh spans every process's devices; process 0 broadcasts
-  the prompt token ids and the sampling seed, every process submits the identical request
-  list, and the compat fix that makes an idle scheduler wait for all requests of one call
-  (`SchedulerControl.expect`) schedules them as one batch, so every process runs the same
-  programs with the same shapes. sglang-jax's own multi-node mode (`nnodes`, `node_rank`,
-  `dist_init_addr`) is not used: in 0.0.2 it calls `jax.distributed.initialize` itself
-  (the trainer already did), and relays requests over zmq pub/sub with a 5 s receive
-  timeout on every scheduler iteration.
-  Status with 0.0.2 on CPU: lockstep runs (identical losses) while every completion runs
-  to max_new_tokens, but with random EOS times the processes' engines stop agreeing (one
-  finishes a call while the other is still decoding; seen within the first call), which
-  is reported as a desync, never a hang. Lockstep is therefore opt-in; host_local is the
-  default and the one that works.
+* ``lockstep``: one engine whose mesh spans every process's devices
+  (`EngineSettings.global_devices`); process 0 broadcasts the prompt token ids and the
+  sampling seed, every process submits the identical request list, and the compat fix
+  `engine_call_one_batch` makes the scheduler take all requests of one engine call
+  together (the tokenizer manager sends them one by one; without it a call of 8 was
+  prefilled as 4 + 4 on one process and as 8 on the other, depending on thread timing,
+  and the processes ran different programs: the measured drift). Every process then runs
+  the same programs with the same shapes and the same random draws. Before every call the
+  processes compare (allgather) digests of their requests and seed, after it the number
+  of engine programs run and the completions; any difference is a DesyncError.
+  sglang-jax's own multi-node mode (`nnodes`, `node_rank`, `dist_init_addr`) is not used:
+  in 0.0.2 it calls `jax.distributed.initialize` itself (the trainer already did), and
+  relays requests over zmq pub/sub with a 5 s receive timeout on every scheduler
+  iteration.
+  Status with 0.0.2 on CPU: lockstep stays in step with temperature-1 sampling and random
+  EOS times (identical losses on every process). It is opt-in; host_local is the default
+  (on CPU each lockstep engine program runs redundantly on every process's devices).
 
 Failing safely: every cross-process step is preceded by a bounded barrier
 (`cluster.step_barrier`), and lockstep engine calls run under a controller-side timeout.
@@ -34,7 +38,10 @@ collective still exits and `tunix-sglang launch` stops the others.
 
 Selection: `engine_for(cfg, model_dir)` here; the mode comes from `cfg.multihost_mode` when
 TrainConfig has it, else from the environment variable TUNIX_SGLANG_MULTIHOST_MODE
-(`host_local` | `lockstep`; `naive_unsafe` reproduces the broken configuration for tests).
+(`host_local` | `lockstep`; `naive_unsafe` is the broken configuration, for tests: a
+global engine to which each process would submit its own, differently sized share; the
+pre-call check refuses it on the first call, where running it aborts every process inside
+gloo ("collective mismatch") on CPU or hangs on TPU).
 TUNIX_SGLANG_MULTIHOST_TIMEOUT (seconds, default 30) bounds every wait for another process.
 TUNIX_SGLANG_MULTIHOST_STATS=DIR makes every process append per-call rollout statistics
 (per-host completion lengths, timings) to DIR/multihost_rollout.process{i}.jsonl; by default
@@ -43,7 +50,6 @@ they go to the run's output directory.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -116,6 +122,14 @@ def share_bounds(n: int, num_processes: int) -> list[tuple[int, int]]:
             for i in range(num_processes)]
 
 
+def uneven_share_bounds(n: int, num_processes: int) -> list[tuple[int, int]]:
+    """Contiguous shares of sizes proportional to 1, 2, ..., P (the naive configuration:
+    hosts that schedule their own batches have different batch sizes, as on a real slice)."""
+    total = num_processes * (num_processes + 1) // 2
+    cut = [n * (i * (i + 1) // 2) // total for i in range(num_processes + 1)]
+    return [(cut[i], cut[i + 1]) for i in range(num_processes)]
+
+
 def host_seed(seed: int | None, process_index: int) -> int | None:
     """Distinct sampling streams per host: the same prompt repeated on two hosts must not
     get the same completions (GRPO needs G different samples)."""
@@ -163,6 +177,14 @@ def unpad_samples(tok: np.ndarray, lp: np.ndarray, lengths: np.ndarray,
             tokens.append(np.asarray(tok[h, r, :n], np.int32))
             logprobs.append(np.asarray(lp[h, r, :n], np.float32))
     return tokens, logprobs, per_host
+
+
+def _crc(seqs: Sequence[Sequence[int]]) -> int:
+    """A digest of int sequences (order and boundaries included) that fits int32."""
+    import zlib
+
+    data = b"".join(np.asarray(t, np.int32).tobytes() + b"|" for t in seqs)
+    return zlib.crc32(data) & 0x7FFFFFFF
 
 
 def left_pad_prompts(ids: Sequence[Sequence[int]], max_len: int, pad: int) -> np.ndarray:
@@ -282,65 +304,17 @@ class HostLocalEngine(InProcessEngine):
         return super().sync_from_tunix(params)
 
 
-@contextlib.contextmanager
-def _all_global_devices():
-    """While an engine starts: its devices are every process's devices (lockstep).
-
-    engine.select_devices accepts only local device ids; a lockstep engine must span all.
-    """
-    import jax
-
-    orig = engine_lib.select_devices
-    engine_lib.select_devices = lambda settings: list(jax.devices())
-    try:
-        yield
-    finally:
-        engine_lib.select_devices = orig
-
-
-@contextlib.contextmanager
-def _uncommitted_sampler_state():
-    """While an engine starts: its sampler's RNG state is made uncommitted first.
-
-    The compat fix `forward_reads_weights` device_puts the sampler state (created committed
-    to this process's first device) onto the engine's mesh; onto a mesh spanning processes
-    JAX accepts only uncommitted/numpy values ("...represents addressable devices").
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from sgl_jax.srt.model_executor.model_runner import ModelRunner
-
-    orig = ModelRunner.initialize_jit
-
-    def uncommitted(x):
-        if not isinstance(x, jax.Array):
-            return x
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            # Typed key arrays are not ArrayImpl: device_put refuses them onto a
-            # non-addressable sharding; raw uint32 key data (legacy keys) is accepted.
-            return np.asarray(jax.random.key_data(x))
-        return np.asarray(x)
-
-    def initialize_jit(self):
-        _, state = nnx.split(self.sampler)
-        new = jax.tree.map(uncommitted, state)
-        nnx.update(self.sampler, new)
-        return orig(self)
-
-    ModelRunner.initialize_jit = initialize_jit
-    try:
-        yield
-    finally:
-        ModelRunner.initialize_jit = orig
-
-
 class GlobalMeshEngine(InProcessEngine):
-    """An engine whose mesh spans every process's devices (lockstep / naive)."""
+    """An engine whose mesh spans every process's devices (lockstep / naive).
 
-    def _start(self) -> None:
-        with _all_global_devices(), _uncommitted_sampler_state():
-            super()._start()
+    Only the settings differ (`global_devices=True`); the sampler's RNG state is placed on
+    the multi-process mesh by the compat fix (`sglang_jax_fixes.place_replicated`).
+    """
+
+    def __init__(self, settings: EngineSettings):
+        import dataclasses
+
+        super().__init__(dataclasses.replace(settings, global_devices=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,7 +376,8 @@ class MultihostSglangRollout(SglangJaxRollout):
                                            batch_size=share)
             engine_cls: type[InProcessEngine] = HostLocalEngine
         else:
-            settings = dataclasses.replace(settings, device_ids=None, rollout_devices=None)
+            settings = dataclasses.replace(settings, device_ids=None, rollout_devices=None,
+                                           global_devices=True)
             engine_cls = GlobalMeshEngine
         self.settings = settings
         self._stats_path = self._stats_file(stats_dir, train_config)
@@ -484,6 +459,14 @@ class MultihostSglangRollout(SglangJaxRollout):
             stop_token_ids=rc.eos_tokens,
         ), what)
 
+    def _sample_counted(self, ids: list[list[int]], rc: base_rollout.RolloutConfig,
+                        seed: int | None, what: str) -> tuple[list[engine_lib.Sample], int]:
+        """`_sample` and the number of engine programs (forward passes) it ran."""
+        sched = getattr(self.engine, "_scheduler", None)
+        before = int(getattr(sched, "forward_ct", 0))
+        samples = self._sample(ids, rc, seed, what)
+        return samples, int(getattr(sched, "forward_ct", 0)) - before
+
     def generate(self, prompts: list[str], rollout_config: base_rollout.RolloutConfig,
                  **kwargs: Any) -> base_rollout.RolloutOutput:
         self._calls += 1
@@ -496,21 +479,27 @@ class MultihostSglangRollout(SglangJaxRollout):
         t0 = time.perf_counter()
         if self.mode == "lockstep":
             ids, seed = self._broadcast_inputs(ids, seed, max_len)
-            samples = self._sample(ids, rollout_config, seed, f"lockstep generate #{call}")
+            self._check_same_inputs(call, ids, seed)
+            samples, programs = self._sample_counted(ids, rollout_config, seed,
+                                                     f"lockstep generate #{call}")
             t1 = time.perf_counter()
             tokens = [s.tokens for s in samples]
             logprobs = [s.logprobs for s in samples]
-            self._check_identical(tokens, call)
+            self._check_same_outputs(call, tokens, programs)
             per_host = [[len(t) for t in tokens]]
             gen_sec = [t1 - t0]
         else:
-            bounds = share_bounds(len(ids), self.process_count)
+            naive = self.mode == NAIVE_MODE
+            # naive_unsafe: each host schedules its own (differently sized) share on the
+            # global engine, with one seed everywhere: the reported broken configuration.
+            bounds = (uneven_share_bounds if naive else share_bounds)(len(ids),
+                                                                      self.process_count)
             lo, hi = bounds[self.process_index]
-            # naive_unsafe keeps one seed everywhere: only the prompts differ, as in the
-            # reported failure (each host schedules its own requests on a global engine).
-            local_seed = seed if self.mode == NAIVE_MODE else host_seed(seed, self.process_index)
-            samples = self._sample(ids[lo:hi], rollout_config, local_seed,
-                                   f"{self.mode} generate #{call}")
+            local_seed = seed if naive else host_seed(seed, self.process_index)
+            if naive:  # refused here: running it aborts (gloo) or hangs (TPU)
+                self._check_same_inputs(call, ids[lo:hi], local_seed)
+            samples, _ = self._sample_counted(ids[lo:hi], rollout_config, local_seed,
+                                              f"{self.mode} generate #{call}")
             t1 = time.perf_counter()
             rows = max(h - lo_ for lo_, h in bounds)
             tok, lp, lengths = pad_samples([s.tokens for s in samples],
@@ -541,23 +530,41 @@ class MultihostSglangRollout(SglangJaxRollout):
             logprobs=logprobs,
         )
 
-    def _check_identical(self, tokens: list[np.ndarray], call: int) -> None:
-        """Lockstep must give every process the same completions; a difference means the
-        processes ran different programs (the next collective could hang or mix data)."""
-        import zlib
+    def _check_same_inputs(self, call: int, ids: Sequence[Sequence[int]],
+                           seed: int | None) -> None:
+        """Before a call on the engine whose mesh spans every process: every process must
+        submit the same requests with the same seed, or the processes would run different
+        engine programs (measured on CPU: gloo aborts the process with "Received data size
+        doesn't match expected size ... collective mismatch"; on TPU a hang)."""
+        self._compare(call, "before", {"requests": _crc(ids), "request counts": len(ids),
+                                       "seeds": -1 if seed is None else seed & 0x7FFFFFFF})
 
-        # int32: JAX without x64 would truncate an int64 digest.
-        digest = np.array([zlib.crc32(b"".join(np.asarray(t, np.int32).tobytes() + b"|"
-                                               for t in tokens)) & 0x7FFFFFFF], np.int32)
-        bounded_barrier(f"multihost/check{call}", self.timeout_s)
-        (all_digests,) = self._allgather((digest,))
-        differ = [h for h in range(len(all_digests)) if all_digests[h, 0] != all_digests[0, 0]]
-        if differ:
-            msg = (f"process {self.process_index}: lockstep generate #{call}: process(es) "
-                   f"{differ} returned different completions than process 0: the engines "
-                   "are out of lockstep")
-            arm_hard_exit(msg)
-            raise cluster_lib.DesyncError(msg)
+    def _check_same_outputs(self, call: int, tokens: Sequence[np.ndarray],
+                            programs: int) -> None:
+        """After the call: the same number of engine programs run, the same completions."""
+        self._compare(call, "after", {"numbers of engine programs": programs,
+                                      "completions": _crc(tokens)})
+
+    def _compare(self, call: int, stage: str, fields: dict[str, int]) -> None:
+        """Allgather `fields` (small ints); any process that differs from process 0 is a
+        desync: DesyncError on every process (the next collective could hang or mix data)."""
+        mine = np.array(list(fields.values()), np.int32)  # int32: JAX without x64
+        bounded_barrier(f"multihost/{stage}{call}", self.timeout_s)
+        (every,) = self._allgather((mine,))
+        bad = {name: [h for h in range(len(every)) if every[h, j] != every[0, j]]
+               for j, name in enumerate(fields)}
+        bad = {k: v for k, v in bad.items() if v}
+        if not bad:
+            return
+        procs = sorted({h for v in bad.values() for h in v})
+        table = "; ".join(f"{k}: {every[:, j].tolist()}" for j, k in enumerate(fields)
+                          if k in bad)
+        msg = (f"process {self.process_index}: {self.mode} generate #{call}: process(es) "
+               f"{procs} had different {', '.join(bad)} than process 0 {stage} the call on "
+               f"the engine whose mesh spans all {self.process_count} processes (multihost "
+               f"mode {self.mode!r}; per process: {table}): the engines are out of lockstep")
+        arm_hard_exit(msg)
+        raise cluster_lib.DesyncError(msg)
 
     def _allgather(self, arrays: tuple[np.ndarray, ...]) -> list[np.ndarray]:
         import jax
