@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Plumbing tests run the random tiny model (no warm start: smaller, faster); the tests of the
+# embedded default itself (test_learning.py) ask for the warm-started one explicitly.
+os.environ.setdefault("TUNIX_SGLANG_EMBEDDED_MODEL", "random")
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_TRAIN = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"

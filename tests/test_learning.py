@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 
 from tunix_sglang import models, warmstart
+from tunix_sglang.config import EMBEDDED_DEFAULTS
 from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model
 
-# Short but seeded: CI budget for the whole file is a few minutes on 2 CPU cores.
-LEARN_SFT_STEPS = int(os.environ.get("TUNIX_SGLANG_TEST_SFT_STEPS", "400"))
-LEARN_GRPO_STEPS = int(os.environ.get("TUNIX_SGLANG_TEST_GRPO_STEPS", "30"))
+# Margins a seeded run clears comfortably (measured values in the README).
+LEARN_REWARD_MARGIN = 1.0
+LEARN_ACC_MARGIN = 0.1
 
 
 def _mesh():
@@ -88,50 +88,44 @@ def test_ensure_warm_model_is_cached(tmp_path, monkeypatch):
     models.inspect_model_dir(first)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("TUNIX_SGLANG_RUN_LEARNING"),
-    reason="GRPO defaults not tuned yet (measured: reward 4.65 -> 4.10, strict acc 0.125 -> "
-    "0.062 with warmstart.GRPO_DEFAULTS); set TUNIX_SGLANG_RUN_LEARNING=1 to run",
-)
-def test_default_run_learns(tmp_path, cache_home, monkeypatch):
-    """Warm start, then a short seeded GRPO run: reward and held-out accuracy go up."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
-    import argparse
+def test_warm_start_shows_the_format_only_sometimes(tmp_path):
+    """The warm start's examples mix the answer format and plain answers, as configured."""
+    from transformers import AutoTokenizer
 
-    from tunix_sglang import evaluate, report, runner
-    from tunix_sglang.config import TrainConfig
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_model(cache_dir=tmp_path))
+    answer_tag = tok.convert_tokens_to_ids("<answer>")
+    for fraction in (0.0, 0.5, 1.0):
+        tokens, mask = warmstart.sft_examples(tok, 192, seed=0, formatted_fraction=fraction)
+        rows = zip(tokens, mask, strict=True)
+        shown = np.mean([(t[m == 1] == answer_tag).any() for t, m in rows])
+        assert abs(shown - fraction) < 0.02, (fraction, shown)
 
-    model_dir = warmstart.ensure_warm_model(steps=LEARN_SFT_STEPS)
+
+def test_default_run_learns(run_cli, cli_env, tmp_path):
+    """The README's main job: `tunix-sglang train` with no flags (warm start, then GRPO through
+    the sglang-jax engine). Seeded; reward and held-out accuracy rise by a clear margin."""
     out = tmp_path / "run"
-    cfg = TrainConfig(rollout_engine="vanilla", local_model_dir=str(model_dir),
-                      output_dir=str(out), steps=LEARN_GRPO_STEPS, seed=0,
-                      checkpoint_every=10**6, **warmstart.GRPO_DEFAULTS)
-    cfg.validate()
-
-    def eval_args(**kw) -> argparse.Namespace:
-        base = dict(local_model_dir=None, run_dir=None, data=None, data_path=None, limit=64,
-                    batch_size=16, max_new_tokens=None, rollout_engine=None, seed=None,
-                    json=None)
-        return argparse.Namespace(**(base | kw))
-
-    before, _ = evaluate.run_eval(eval_args(local_model_dir=str(model_dir)))
-    runner.train(cfg)
-    after, step = evaluate.run_eval(eval_args(run_dir=str(out)))
-    assert step == LEARN_GRPO_STEPS
+    env = {"TUNIX_SGLANG_EMBEDDED_MODEL": "warm"}
+    r = run_cli("train", "--output-dir", str(out), timeout=3000, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print("\n".join(line for line in r.stdout.splitlines() if "Train step" not in line))
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    k = max(1, len(rows) // 4)
+    assert len(rows) == EMBEDDED_DEFAULTS["steps"]
+    k = len(rows) // 4
     first = float(np.mean([r["reward_mean"] for r in rows[:k]]))
     last = float(np.mean([r["reward_mean"] for r in rows[-k:]]))
-    print(f"reward {first:.3f} -> {last:.3f}; strict {before.strict_acc:.3f} -> "
-          f"{after.strict_acc:.3f}; lenient {before.lenient_acc:.3f} -> {after.lenient_acc:.3f}")
-    assert last > first + 0.5, (first, last)
-    assert after.reward_mean > before.reward_mean
+    assert last > first + LEARN_REWARD_MARGIN, (first, last)
 
-    # The same run's files make a report; TensorBoard events sit beside metrics.jsonl.
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    before, after = evals[0], evals[-1]
+    assert (before["step"], after["step"]) == (0, len(rows))
+    assert after["reward_mean"] > before["reward_mean"] + LEARN_REWARD_MARGIN, (before, after)
+    assert after["strict_acc"] > before["strict_acc"] + LEARN_ACC_MARGIN, (before, after)
+    assert "ACCURACY: strict" in r.stdout and "REPORT:" in r.stdout
+
+    # The run's report has every plot; TensorBoard events sit beside metrics.jsonl.
+    html = (out / "report.html").read_text()
+    assert html.count('<img class="plot"') == 7 and "TensorBoard event files" in html
     events = list((out / "tensorboard").rglob("events.out.tfevents*"))
     assert events and any(e.stat().st_size > 0 for e in events)
-    evaluate.append_eval(out, 0, before)
-    evaluate.append_eval(out, LEARN_GRPO_STEPS, after)
-    html = report.write_report(out).read_text()
-    assert html.count('<img class="plot"') == 7 and "TensorBoard event files" in html

@@ -7,7 +7,13 @@ import logging
 import os
 import sys
 
-from tunix_sglang.config import DATA_SOURCES, ROLLOUT_ENGINES, TrainConfig, build_config
+from tunix_sglang.config import (
+    DATA_SOURCES,
+    EMBEDDED_DEFAULTS,
+    ROLLOUT_ENGINES,
+    TrainConfig,
+    build_config,
+)
 from tunix_sglang.errors import UserError
 
 # (flag, type, help); the default shown comes from TrainConfig, so YAML can still set it.
@@ -47,7 +53,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--config", help="YAML file with any of these keys (flags override it)")
     defaults = TrainConfig()
     for flag, typ, text in _TRAIN_FLAGS:
-        default = getattr(defaults, flag[2:].replace("-", "_"))
+        name = flag[2:].replace("-", "_")
+        default = f"{getattr(defaults, name)}"
+        if name in EMBEDDED_DEFAULTS:
+            default += f"; embedded model: {EMBEDDED_DEFAULTS[name]}"
         p.add_argument(flag, type=typ, help=f"{text} (default: {default})")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the last checkpoint in --output-dir")

@@ -21,6 +21,7 @@ __all__ = [
     "prompt_messages",
     "render_prompt",
     "sft_completion",
+    "worked_solution",
     "synthetic_problems",
     "synthetic_split",
     "to_dataset_rows",
@@ -64,12 +65,16 @@ def _final_number(answer: str) -> str | None:
     return normalize_number(answer.rsplit("####", 1)[1]) if "####" in answer else None
 
 
-def sft_completion(problem: Problem) -> str:
-    """Target response for supervised warm-up: the worked solution in the answer format."""
+def worked_solution(problem: Problem) -> str:
+    """The solution's reasoning, without the '#### N' line."""
     reasoning = problem.answer.rsplit("####", 1)[0]
     # GSM8K's "<<48/2=24>>" calculator annotations are not something the model should emit.
-    reasoning = _CALCULATOR_RE.sub("", reasoning).strip()
-    return format_completion(reasoning, problem.gold)
+    return _CALCULATOR_RE.sub("", reasoning).strip()
+
+
+def sft_completion(problem: Problem) -> str:
+    """Target response for supervised warm-up: the worked solution in the answer format."""
+    return format_completion(worked_solution(problem), problem.gold)
 
 
 # ------------------------------------------------------------------------- prompts
@@ -123,7 +128,7 @@ _Template = Callable[[random.Random, str, str, str, str], tuple[str, str, int]]
 
 
 def _add(rng: random.Random, name: str, pron: str, friend: str, item: str) -> tuple[str, str, int]:
-    a, b = rng.randint(2, 49), rng.randint(2, 49)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
     c = a + b
     question = f"{name} has {a} {item} and buys {b} more. How many {item} does {pron} have now?"
     return question, f"{name} has {a} + {b} = {c} {item} now.", c
@@ -132,8 +137,8 @@ def _add(rng: random.Random, name: str, pron: str, friend: str, item: str) -> tu
 def _subtract(
     rng: random.Random, name: str, pron: str, friend: str, item: str
 ) -> tuple[str, str, int]:
-    a = rng.randint(10, 99)
-    b = rng.randint(2, a - 1)
+    b = rng.randint(1, 9)
+    a = b + rng.randint(1, 9)
     c = a - b
     question = (
         f"{name} had {a} {item} and gave {b} of them to {friend}. "
@@ -157,7 +162,7 @@ def _multiply(
 def _divide(
     rng: random.Random, name: str, pron: str, friend: str, item: str
 ) -> tuple[str, str, int]:
-    b, c = rng.randint(2, 9), rng.randint(2, 11)
+    b, c = rng.randint(2, 9), rng.randint(2, 9)
     a = b * c
     question = (
         f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
@@ -169,7 +174,7 @@ def _money(
     rng: random.Random, name: str, pron: str, friend: str, item: str
 ) -> tuple[str, str, int]:
     goods = rng.choice(_GOODS)
-    a, b = rng.randint(2, 9), rng.randint(2, 11)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
     c = a * b
     question = f"{name} buys {a} {goods} that cost ${b} each. How many dollars does {pron} spend?"
     return question, f"{name} spends {a} * ${b} = ${c}.", c
@@ -178,9 +183,9 @@ def _money(
 def _two_step(
     rng: random.Random, name: str, pron: str, friend: str, item: str
 ) -> tuple[str, str, int]:
-    a, b = rng.randint(5, 40), rng.randint(2, 30)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
     total = a + b
-    c = rng.randint(1, total - 1)
+    c = rng.randint(1, min(9, total - 1))
     left = total - c
     question = (
         f"{name} has {a} {item}. {pron.capitalize()} buys {b} more and then gives {c} to "

@@ -508,9 +508,9 @@ def check_compilation_cache(env: Mapping[str, str] | None = None) -> Check:
 def memory_plan_for(cfg: TrainConfig, facts: DeviceFacts):
     """The memory plan for `cfg` on these devices (config.json only, no weights)."""
     from tunix_sglang import memory_plan as mp
-    from tunix_sglang.tiny_model import ensure_tiny_model
+    from tunix_sglang.warmstart import embedded_shape_dir
 
-    model_dir = cfg.local_model_dir or str(ensure_tiny_model())
+    model_dir = cfg.local_model_dir or str(embedded_shape_dir())
     shape = mp.read_model_shape(model_dir)
     cpu = facts.backend != "tpu" and not (facts.device_kind or "").startswith("TPU")
     return mp.plan_memory(

@@ -308,9 +308,9 @@ def build_eval_cluster(cfg: Any, md: Any, tokenizer: Any) -> Any:
 
 def default_model_dir() -> Path:
     """The embedded default model: the warm-started tiny model (see warmstart.py)."""
-    from tunix_sglang.warmstart import ensure_warm_model
+    from tunix_sglang.warmstart import embedded_model_dir
 
-    return ensure_warm_model()
+    return embedded_model_dir()
 
 
 def eval_main(args: argparse.Namespace) -> int:

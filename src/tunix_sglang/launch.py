@@ -55,6 +55,23 @@ def process_env(base: dict[str, str], i: int, n: int, k: int, port: int) -> dict
     return env
 
 
+def prebuild_embedded_model(rest: list[str]) -> None:
+    """Build the embedded model's warm start once, before the cluster starts.
+
+    Every process would otherwise find the cache empty and run the same warm start at once.
+    Skipped when the command names its own model (or a config file that may).
+    """
+    if rest[0] not in ("train", "eval", "serve") or any(
+        a.startswith(("--local-model-dir", "--config")) for a in rest
+    ):
+        return
+    code = "from tunix_sglang.warmstart import embedded_model_dir; embedded_model_dir()"
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    if subprocess.run([sys.executable, "-c", code], env=env).returncode:
+        raise UserError("launch: building the embedded model failed (see above); "
+                        "or pass --local-model-dir")
+
+
 def launch(args: argparse.Namespace) -> int:
     rest = list(args.rest)
     if rest and rest[0] == "--":
@@ -63,6 +80,7 @@ def launch(args: argparse.Namespace) -> int:
         raise UserError("launch: give the command after --, e.g. launch ... -- train --steps 5")
     if args.num_processes < 1 or args.devices_per_process < 1:
         raise UserError("launch: --num-processes and --devices-per-process must be >= 1")
+    prebuild_embedded_model(rest)
     port = args.port or free_port()
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []

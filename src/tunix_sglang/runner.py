@@ -174,13 +174,13 @@ def prepare(cfg: TrainConfig, topo: Topology | None) -> RunInputs:
 
     from tunix_sglang import data, evaluate, models
     from tunix_sglang.doctor import check_before_train
-    from tunix_sglang.tiny_model import ensure_tiny_model
+    from tunix_sglang.warmstart import embedded_model_dir
 
     check_resume(cfg)
     cluster_lib.initialize(topo or Topology())
     check_before_train(cfg)  # TPU generation, TPU lock, Pathways, memory
     cfg.validate_devices(len(jax.devices()))
-    md = models.inspect_model_dir(cfg.local_model_dir or ensure_tiny_model())
+    md = models.inspect_model_dir(cfg.local_model_dir or embedded_model_dir())
     problems = load_problems(cfg)
     default_compilation_cache()
     tokenizer = models.load_tokenizer(md)

@@ -562,9 +562,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     default_platform()
     from tunix_sglang import models
-    from tunix_sglang.tiny_model import ensure_tiny_model
+    from tunix_sglang.warmstart import embedded_model_dir
 
-    md = models.inspect_model_dir(args.local_model_dir or ensure_tiny_model())
+    md = models.inspect_model_dir(args.local_model_dir or embedded_model_dir())
     sock = _bind(args.host, args.port)  # the port is ours before the slow engine start
     port = sock.getsockname()[1]
     _tune_malloc()

@@ -26,6 +26,8 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Whole tokens for the answer format, so a tiny model can learn it in few steps.
 FORMAT_TOKENS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
+# Bump when build_tokenizer changes, so cached models are rebuilt.
+TOKENIZER_VERSION = 2
 
 _CORPUS_WORDS = (
     "system user assistant You are given a problem Think about the problem and provide "
@@ -59,6 +61,7 @@ class TinyModelSpec:
 
     def fingerprint(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + CHAT_TEMPLATE
+        blob += f"tokenizer v{TOKENIZER_VERSION}\n"
         blob += "\n".join(tokenizer_corpus())
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -84,7 +87,12 @@ def build_tokenizer(vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # One token per digit, as Qwen's own tokenizer does: a number then looks the same in the
+    # question, the reasoning and the answer tag, which a tiny model can learn to copy.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(FORMAT_TOKENS),

@@ -1,14 +1,15 @@
 """A short supervised warm start of the embedded tiny model, so the default GRPO run can learn.
 
 A randomly initialised model never emits the answer format, so every completion earns the same
-reward and GRPO's group-relative advantages are all zero: nothing to learn from. A few hundred
-steps of supervised fine-tuning on the synthetic training problems (Tunix's `PeftTrainer`, loss
-on the completion tokens only) teach the format and some of the arithmetic. It is deliberately
-short: the model should be right sometimes, not always, so GRPO has room to raise reward and
-accuracy.
+reward and GRPO's group-relative advantages are all zero: nothing to learn from. Supervised
+fine-tuning on the synthetic training problems (Tunix's `PeftTrainer`, loss on the completion
+tokens only) teaches copying the question's numbers and some of the arithmetic. Only part of
+its examples use the answer format, so the warm model mostly answers in plain text: GRPO's
+format and answer rewards then raise reward and strict accuracy within minutes of CPU.
 
 The result is an ordinary Hugging Face model directory (the tiny model's config and tokenizer,
-new `model.safetensors` in Hugging Face names and layouts), built once and cached atomically.
+new `model.safetensors` in Hugging Face names and layouts), built once and cached atomically;
+`embedded_model_dir()` is what runs without `--local-model-dir` use.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +28,27 @@ import numpy as np
 
 from tunix_sglang.tiny_model import TinyModelSpec, default_cache_dir, ensure_tiny_model
 
+EMBEDDED_ENV = "TUNIX_SGLANG_EMBEDDED_MODEL"
+
 # Problems the warm start sees: the synthetic *training* split the runner uses for seed 0, so
 # the held-out split (`synthetic_split(...)[1]`) stays unseen.
 SPLIT_SIZES = dict(n_train=2000, n_test=200)
 
 # The default tiny model (64 wide, 2 layers) is too small to learn to copy numbers from the
-# question in a few minutes of CPU; this one does (about 1.2M parameters).
+# question in a few minutes of CPU; this one does (0.92M parameters).
 WARM_MODEL_SPEC = TinyModelSpec(
     hidden_size=128, intermediate_size=384, num_hidden_layers=4, head_dim=32
 )
-
-# GRPO knobs (TrainConfig fields) measured to raise reward on the warm model on CPU.
-GRPO_DEFAULTS: dict[str, float | int] = dict(
-    learning_rate=5e-4, beta=0.0, batch_size=8, num_generations=4, max_new_tokens=48
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class WarmStartSpec:
     """Supervised warm-start knobs; part of the cache key."""
 
-    steps: int = 400
+    steps: int = 600
+    # Share of examples that show the answer format; the rest answer in plain text ("... The
+    # answer is 8."), so the warm model uses the format only part of the time: what GRPO's
+    # format and answer rewards then teach, as in GSM8K runs on real instruct models.
+    formatted_fraction: float = 0.3
     batch_size: int = 16
     learning_rate: float = 5e-3
     warmup_steps: int = 20
@@ -66,6 +68,7 @@ def ensure_warm_model(
     steps: int | None = None,
     seed: int = 0,
     warm: WarmStartSpec | None = None,
+    log: Callable[[str], None] = lambda line: None,
 ) -> Path:
     """The cached warm-started tiny model directory, built once (atomically) if missing."""
     warm = warm or WarmStartSpec()
@@ -74,13 +77,18 @@ def ensure_warm_model(
     warm = dataclasses.replace(warm, seed=seed)
     base = ensure_tiny_model(spec or WARM_MODEL_SPEC, cache_dir)
     root = cache_dir or default_cache_dir()
-    final = root / f"{base.name}-warm-{warm.fingerprint()}"
+    final = root / f"{base.name}-warm-{warm.fingerprint()}-{_data_fingerprint(warm.data_seed)}"
     if (final / "model.safetensors").exists():
         return final
+    log(f"Warm start: {warm.steps} supervised steps on the embedded tiny model (once; cached "
+        f"in {root})")
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("model.safetensors"))
-    model, _ = warm_start(base, warm)
+    t0 = time.perf_counter()
+    model, losses = warm_start(base, warm)
+    log(f"Warm start done in {time.perf_counter() - t0:.0f}s (SFT loss {losses[0]:.3f} -> "
+        f"{losses[-1]:.3f})")
     save_safetensors(model, tmp / "model.safetensors")
     (tmp / "warm_start.json").write_text(json.dumps(dataclasses.asdict(warm), indent=2))
     try:
@@ -90,24 +98,68 @@ def ensure_warm_model(
     return final
 
 
+def embedded_model_dir(log: Callable[[str], None] = print) -> Path:
+    """The model of runs without --local-model-dir: the warm-started tiny Qwen3.
+
+    `TUNIX_SGLANG_EMBEDDED_MODEL=random` gives the random tiny model instead: no warm start,
+    smaller and faster, for checking plumbing (it earns no reward, so it learns nothing).
+    """
+    choice = os.environ.get(EMBEDDED_ENV, "warm")
+    if choice == "random":
+        return ensure_tiny_model()
+    if choice != "warm":
+        from tunix_sglang.errors import UserError
+
+        raise UserError(f"{EMBEDDED_ENV}={choice!r} is unknown; use 'warm' (default) or 'random'")
+    return ensure_warm_model(log=log)
+
+
+def embedded_shape_dir() -> Path:
+    """A model directory with the embedded model's config (shapes), without a warm start."""
+    return ensure_tiny_model(WARM_MODEL_SPEC if embedded_is_warm() else None)
+
+
+def embedded_is_warm() -> bool:
+    """Whether runs without --local-model-dir use the warm-started model (the default)."""
+    return os.environ.get(EMBEDDED_ENV, "warm") != "random"
+
+
+def _data_fingerprint(seed: int) -> str:
+    # The warm start's data is part of what it learned: a change to the synthetic problems
+    # must not reuse a model trained on the old ones.
+    from tunix_sglang import data
+
+    train, _ = data.synthetic_split(seed=seed, **SPLIT_SIZES)
+    blob = "".join(p.question + p.answer for p in train[:200])
+    return hashlib.sha256(blob.encode()).hexdigest()[:6]
+
+
 # ----------------------------------------------------------------------------- data
 
 
-def sft_examples(tokenizer: Any, max_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def sft_examples(
+    tokenizer: Any, max_len: int, seed: int, formatted_fraction: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded [N, max_len] tokens and a mask that is 1 only on completion tokens.
 
     The completion ends with the tokenizer's EOS (`<|im_end|>`) so the model learns to stop.
+    The first `formatted_fraction` of examples (by a seeded shuffle) use the answer format,
+    the others `plain_completion`.
     """
     from tunix_sglang import data
 
     train, _ = data.synthetic_split(seed=seed, **SPLIT_SIZES)
+    formatted = np.random.default_rng(seed).permutation(len(train)) < formatted_fraction * len(
+        train
+    )
     pad = tokenizer.pad_token_id
     tokens = np.full((len(train), max_len), pad, np.int32)
     mask = np.zeros((len(train), max_len), np.int32)
     kept = 0
-    for p in train:
+    for p, fmt in zip(train, formatted, strict=True):
         prompt = tokenizer.encode(data.render_prompt(p.question, tokenizer))
-        completion = tokenizer.encode(data.sft_completion(p) + tokenizer.eos_token)
+        text = data.sft_completion(p) if fmt else plain_completion(p)
+        completion = tokenizer.encode(text + tokenizer.eos_token)
         if len(prompt) + len(completion) > max_len:
             continue
         n = len(prompt) + len(completion)
@@ -117,6 +169,13 @@ def sft_examples(tokenizer: Any, max_len: int, seed: int) -> tuple[np.ndarray, n
     if kept == 0:
         raise ValueError(f"no synthetic example fits in {max_len} tokens")
     return tokens[:kept], mask[:kept]
+
+
+def plain_completion(problem: Any) -> str:
+    """The worked solution without the answer format: reasoning, then "The answer is N."."""
+    from tunix_sglang import data
+
+    return f"{data.worked_solution(problem)}\nThe answer is {problem.gold}."
 
 
 def _batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int, seed: int) -> Iterator[Any]:
@@ -144,12 +203,13 @@ def warm_start(model_dir: Path, warm: WarmStartSpec):
 
     md = models.inspect_model_dir(model_dir)
     tokenizer = models.load_tokenizer(md)
-    devices = jax.devices()
+    # One local device: the same warm model whatever the device count, and no collective
+    # with other processes (each process of a multi-host run may build its own copy).
     mesh = jax.sharding.Mesh(
-        np.array(devices).reshape(len(devices), 1), ("fsdp", "tp"),
+        np.array(jax.local_devices()[:1]).reshape(1, 1), ("fsdp", "tp"),
         axis_types=(jax.sharding.AxisType.Auto,) * 2,
     )
-    tokens, mask = sft_examples(tokenizer, warm.max_len, warm.data_seed)
+    tokens, mask = sft_examples(tokenizer, warm.max_len, warm.data_seed, warm.formatted_fraction)
     # Trim the padding every example shares: shorter sequences, faster steps.
     width = int(np.max(np.nonzero(tokens != tokenizer.pad_token_id)[1])) + 1
     tokens, mask = tokens[:, :width], mask[:, :width]
