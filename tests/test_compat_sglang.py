@@ -347,8 +347,11 @@ def test_engine_call_one_batch():
 
 
 _SIGQUIT_SCRIPT = textwrap.dedent("""
-    import os, sys, types
+    import os, signal, sys, types
     os.environ["JAX_PLATFORMS"] = "cpu"
+    # A parent started in the background by a shell without job control ignores SIGQUIT, and
+    # children inherit that: restore the default so the original's SIGQUIT can kill.
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     from tunix_sglang.compat import sglang_jax_fixes as fixes
     fixes.apply()
     fn = fixes.ORIGINALS["scheduler.scheduler_loop_after_create"]
