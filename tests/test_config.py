@@ -39,3 +39,5 @@ def test_unknown_embedded_model_choice_is_one_line(monkeypatch):
     monkeypatch.setenv("TUNIX_SGLANG_EMBEDDED_MODEL", "big")
     with pytest.raises(UserError, match="TUNIX_SGLANG_EMBEDDED_MODEL='big' is unknown"):
         embedded_model_dir()
+    with pytest.raises(UserError, match="TUNIX_SGLANG_EMBEDDED_MODEL='big' is unknown"):
+        build_config(None, {})

@@ -21,10 +21,10 @@ __all__ = [
     "prompt_messages",
     "render_prompt",
     "sft_completion",
-    "worked_solution",
     "synthetic_problems",
     "synthetic_split",
     "to_dataset_rows",
+    "worked_solution",
 ]
 
 HUB_DATASET = "openai/gsm8k"

@@ -104,14 +104,7 @@ def embedded_model_dir(log: Callable[[str], None] = print) -> Path:
     `TUNIX_SGLANG_EMBEDDED_MODEL=random` gives the random tiny model instead: no warm start,
     smaller and faster, for checking plumbing (it earns no reward, so it learns nothing).
     """
-    choice = os.environ.get(EMBEDDED_ENV, "warm")
-    if choice == "random":
-        return ensure_tiny_model()
-    if choice != "warm":
-        from tunix_sglang.errors import UserError
-
-        raise UserError(f"{EMBEDDED_ENV}={choice!r} is unknown; use 'warm' (default) or 'random'")
-    return ensure_warm_model(log=log)
+    return ensure_warm_model(log=log) if embedded_is_warm() else ensure_tiny_model()
 
 
 def embedded_shape_dir() -> Path:
@@ -121,7 +114,12 @@ def embedded_shape_dir() -> Path:
 
 def embedded_is_warm() -> bool:
     """Whether runs without --local-model-dir use the warm-started model (the default)."""
-    return os.environ.get(EMBEDDED_ENV, "warm") != "random"
+    choice = os.environ.get(EMBEDDED_ENV, "warm")
+    if choice not in ("warm", "random"):
+        from tunix_sglang.errors import UserError
+
+        raise UserError(f"{EMBEDDED_ENV}={choice!r} is unknown; use 'warm' (default) or 'random'")
+    return choice == "warm"
 
 
 def _data_fingerprint(seed: int) -> str:
