@@ -66,6 +66,34 @@ def test_min_p_filter_arity():
     assert np.allclose(np.asarray(out), [[0.6, 0.0, 0.0]])
 
 
+def _sampling_args(top_k, top_p, min_p, need_min_p, key, bs=6, vocab=300):
+    logits = jax.random.normal(jax.random.key(1), (bs, vocab)) * 3
+    return (logits, jax.nn.softmax(logits, -1), jnp.full((bs,), top_k, jnp.int32),
+            jnp.full((bs,), top_p), jnp.full((bs,), min_p), jnp.zeros((bs,), jnp.int32),
+            jnp.ones((bs, 1)), None, need_min_p, jax.random.key(key))
+
+
+def test_sampler_sort_in_graph():
+    """The non-TPU sampler's sort runs inside the program (the original compiles a Python
+    host callback, which blocked a lockstep engine whose mesh spans processes), and it
+    samples exactly the tokens the original samples for the same random key."""
+    from sgl_jax.srt.layers import sampler
+
+    name = "top_k_top_p_min_p_sampling_from_probs_jax_not_tpu_runtime"
+    orig, fixed = ORIG[f"sampler.{name}"], getattr(sampler, name)
+    args = _sampling_args(300, 1.0, 0.0, False, 0)
+    assert "python_cpu_callback" in jax.jit(orig).lower(args).as_text()
+    assert "callback" not in jax.jit(fixed).lower(args).as_text()
+    for top_k, top_p, min_p, need in [(300, 1.0, 0.0, False), (5, 1.0, 0.0, False),
+                                      (300, 0.5, 0.0, False), (300, 1.0, 0.3, True)]:
+        for key in range(4):
+            a = _sampling_args(top_k, top_p, min_p, need, key)
+            assert np.array_equal(np.asarray(jax.jit(orig)(a)), np.asarray(jax.jit(fixed)(a)))
+    # top_k=1 must pick each row's most likely token.
+    a = _sampling_args(1, 1.0, 0.0, False, 3)
+    assert np.array_equal(np.asarray(fixed(a)), np.asarray(jnp.argmax(a[1], -1)))
+
+
 class _TinyLM(nnx.Module):
     def __init__(self):
         self.w = nnx.Param(jnp.ones((3,)))

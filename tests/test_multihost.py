@@ -80,6 +80,79 @@ def test_desync_is_reported_not_hung(cli_env):
     assert time.monotonic() - t0 < 45
 
 
+LIVENESS = textwrap.dedent("""
+    import os, sys, time
+    from tunix_sglang.cluster import (Topology, initialize, live_barrier, stall_guard,
+                                      DesyncError)
+    pid = int(sys.argv[1])
+    initialize(Topology("127.0.0.1:" + sys.argv[2], 2, pid))
+    # 1. Slow but busy: process 1 computes for 12 s (stall bound 5 s) before arriving.
+    if pid == 1:
+        t = time.process_time()
+        while time.process_time() - t < 12:
+            pass
+    t0 = time.monotonic()
+    live_barrier("slow", stall_s=5)
+    print(f"SLOW OK after {time.monotonic() - t0:.0f}s", flush=True)
+    # 2. Stuck: process 1 blocks without burning CPU (as inside a collective that never
+    #    completes); process 0 waits for it at a barrier.
+    if pid == 1:
+        def on_stall(msg):
+            print("STALL:", msg, flush=True)
+            os._exit(4)
+        with stall_guard("the stuck operation", on_stall, stall_s=5):
+            time.sleep(120)
+    try:
+        live_barrier("after", stall_s=5)
+    except DesyncError as e:
+        print("DESYNC:", e, flush=True)
+        os._exit(3)  # as the rollout does: the peer will never join jax's shutdown
+""")
+
+
+def test_liveness_waits_for_busy_processes_and_fails_on_stuck_ones(cli_env):
+    """Waits of unknown length (engine start-up, precompile, lockstep engine calls) last as
+    long as some process is busy, and fail within the stall bound, naming the missing
+    process, once every process is idle: stuck in a collective or dead."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", LIVENESS, str(i), port], env=cli_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=REPO) for i in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, 9)
+            p.wait()
+    # Process 0 waited the full 12 s of process 1's work, more than the 5 s stall bound.
+    waited = re.search(r"SLOW OK after (\d+)s", outs[0])
+    assert waited and int(waited.group(1)) >= 9, outs[0][-2000:]
+    assert "SLOW OK" in outs[1], outs[1][-2000:]
+    assert procs[0].returncode == 3, outs[0][-2000:]
+    assert "barrier 'after': process(es) [1] missing; no process has made progress" in outs[0]
+    assert procs[1].returncode == 4, outs[1][-2000:]
+    assert "STALL: process 1: the stuck operation: no process has made progress" in outs[1]
+
+
+def test_stall_watch_counts_idle_time_across_processes():
+    from tunix_sglang.cluster import HEARTBEAT_S, StallWatch
+
+    now, cpu = [0.0], {0: 0.0, 1: 0.0}
+    watch = StallWatch(read=lambda: dict(cpu), clock=lambda: now[0])
+    for _ in range(5):  # process 1 busy (a compile), process 0 idle: progress
+        now[0] += HEARTBEAT_S
+        cpu[1] += HEARTBEAT_S * 0.9
+        assert watch.observe() == 0.0 and watch.busy_processes == {1}
+    for i in range(1, 6):  # both idle but for background noise below the threshold
+        now[0] += HEARTBEAT_S
+        cpu[0] += HEARTBEAT_S * 0.02
+        assert watch.observe() == i * HEARTBEAT_S and not watch.busy_processes
+    now[0] += HEARTBEAT_S
+    cpu[0] += HEARTBEAT_S * 0.5  # progress again resets the clock
+    assert watch.observe() == 0.0
+
+
 PLACE = textwrap.dedent("""
     import sys
     import jax, numpy as np

@@ -6,8 +6,12 @@ the code asks `process_index()` / `is_primary()`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 from tunix_sglang.errors import UserError
 
@@ -78,6 +82,7 @@ def initialize(topo: Topology) -> None:
         coordinator_bind_address=topo.coordinator_address if topo.process_id == 0 else None,
         initialization_timeout=120,
     )
+    start_heartbeat()
 
 
 def process_index() -> int:
@@ -124,3 +129,149 @@ def step_barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
             f"process {me}: barrier {name!r} timed out after {timeout_s:g}s; "
             f"missing process(es) {missing or 'unknown'} ({str(e).splitlines()[0][:200]})"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# Liveness: tell "another process is slow" from "the cluster is stuck"
+# ---------------------------------------------------------------------------------------
+# A process that compiles or computes burns CPU; processes blocked in a collective that
+# never completes (or waiting for a dead peer) burn almost none (measured: two processes
+# deadlocked in an engine program, load average 0.13). Every process publishes its CPU
+# seconds to the coordinator's key-value store; a long wait fails once *no* process has
+# been busy for `stall_s` seconds, however long the legitimate work before it took.
+
+HEARTBEAT_S = 2.0
+# Busy: more than this fraction of one core since the previous heartbeat.
+BUSY_CPU_FRACTION = 0.1
+_HEARTBEAT_KEY = "tunix_sglang/heartbeat/"
+_heartbeat_started = threading.Event()
+
+
+def _client():
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def start_heartbeat(interval_s: float = HEARTBEAT_S) -> bool:
+    """Publish this process's CPU seconds every `interval_s` (once per process; daemon)."""
+    import jax
+
+    client = _client()
+    if client is None or jax.process_count() == 1 or _heartbeat_started.is_set():
+        return False
+    _heartbeat_started.set()
+    key = f"{_HEARTBEAT_KEY}{jax.process_index()}"
+
+    def beat():
+        while True:
+            try:
+                client.key_value_set(key, f"{time.process_time():.3f}", allow_overwrite=True)
+            except Exception:  # the coordinator is gone: nothing left to report to
+                return
+            time.sleep(interval_s)
+
+    threading.Thread(target=beat, name="tunix-sglang-heartbeat", daemon=True).start()
+    return True
+
+
+def cluster_cpu_seconds() -> dict[int, float]:
+    """{process: CPU seconds it last published} (empty on one process)."""
+    client = _client()
+    if client is None:
+        return {}
+    out = {}
+    for k, v in client.key_value_dir_get(_HEARTBEAT_KEY):
+        with contextlib.suppress(ValueError):
+            out[int(k.rsplit("/", 1)[-1])] = float(v)
+    return out
+
+
+class StallWatch:
+    """How long the whole cluster has made no progress (no process busy).
+
+    `observe()` samples the published CPU seconds; a process is busy between two samples
+    when its CPU time grew by more than `busy_fraction` of the wall time between them.
+    """
+
+    def __init__(self, read: Callable[[], dict[int, float]] = cluster_cpu_seconds,
+                 clock: Callable[[], float] = time.monotonic,
+                 busy_fraction: float = BUSY_CPU_FRACTION):
+        self._read, self._clock, self._busy_fraction = read, clock, busy_fraction
+        self._last_busy = self._sample_t = clock()
+        self._sample = read()
+        self.busy_processes: set[int] = set()
+
+    def observe(self) -> float:
+        """Seconds since some process was last seen busy."""
+        now = self._clock()
+        if now - self._sample_t >= HEARTBEAT_S:
+            cur = self._read()
+            dt = now - self._sample_t
+            self.busy_processes = {p for p, cpu in cur.items()
+                                   if cpu - self._sample.get(p, cpu) > self._busy_fraction * dt}
+            if self.busy_processes:
+                self._last_busy = now
+            self._sample, self._sample_t = cur, now
+        return now - self._last_busy
+
+
+def live_barrier(name: str, stall_s: float = BARRIER_TIMEOUT_S,
+                 max_s: float = 3600.0, poll_s: float = 0.5) -> None:
+    """A barrier for waits of unknown length (engine start-up, precompile): it waits as
+    long as some process is busy, and fails naming the missing processes once the whole
+    cluster has been idle for `stall_s` (stuck or dead), or after `max_s` in any case."""
+    import jax
+
+    client = _client()
+    if client is None or jax.process_count() == 1:
+        return
+    me, n = jax.process_index(), jax.process_count()
+    prefix = f"tunix_sglang/live/{name}/"
+    client.key_value_set(f"{prefix}{me}", "1")
+    watch, t0 = StallWatch(), time.monotonic()
+    while True:
+        arrived = {int(k.rsplit("/", 1)[-1]) for k, _ in client.key_value_dir_get(prefix)}
+        missing = sorted(set(range(n)) - arrived)
+        if not missing:
+            return
+        idle = watch.observe()
+        waited = time.monotonic() - t0
+        if idle >= stall_s or waited >= max_s:
+            why = (f"no process has made progress for {idle:.0f}s (stuck in a collective, "
+                   "or dead)" if idle >= stall_s else f"still not there after {max_s:g}s")
+            raise DesyncError(f"process {me}: barrier {name!r}: process(es) {missing} "
+                              f"missing; {why}")
+        time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def stall_guard(what: str, on_stall: Callable[[str], None], stall_s: float = BARRIER_TIMEOUT_S,
+                poll_s: float = 1.0) -> Iterator[None]:
+    """Run the body (which may block inside XLA, where nothing can interrupt it) while a
+    monitor thread calls `on_stall(message)` once the whole cluster has been idle for
+    `stall_s`. `on_stall` must end the process (a thread stuck in a collective never
+    returns)."""
+    import jax
+
+    if _client() is None or jax.process_count() == 1:
+        yield
+        return
+    done = threading.Event()
+
+    def monitor():
+        watch = StallWatch()
+        while not done.wait(poll_s):
+            idle = watch.observe()
+            if idle >= stall_s:
+                on_stall(f"process {jax.process_index()}: {what}: no process has made "
+                         f"progress for {idle:.0f}s (the processes are stuck in collectives "
+                         "that never complete: a desync, or a dead process)")
+                return
+
+    t = threading.Thread(target=monitor, name="tunix-sglang-stall-guard", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()

@@ -27,6 +27,8 @@ Problems handled (numbers refer to /work/shared/notes/dependencies-on-cpu.md):
      joined at exit: async checkpoint writes can be cut off) -> threading_atexit_restored
      mesh built from all of `jax.devices()`                    -> engine_device_subset
      one call's requests scheduled in timing-dependent pieces  -> engine_call_one_batch
+     non-TPU sampler sorts in a host callback (blocks a mesh spanning processes)
+                                                               -> sampler_sort_in_graph
 Problem 6 (page_size > 1 wrong on CPU) is a configuration rule, in tunix_sglang.engine.
 Problem 10 (wrong output ids with the engine's tokenizer) is avoided by
 `skip_tokenizer_init=True`, also in the engine.
@@ -203,6 +205,64 @@ def fix_min_p_filter_arity() -> bool:
 
     _apply_min_p_filter._tunix_sglang_fix = True
     sampler_mod._apply_min_p_filter = _apply_min_p_filter
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling sorts on the host (a Python callback inside the compiled program)
+# ---------------------------------------------------------------------------------------
+
+def sampler_sorts_on_host(fn: Callable) -> bool:
+    """True when the non-TPU sampling function sorts with `jax.pure_callback`."""
+    return "pure_callback" in _src(fn)
+
+
+def sample_sorted_in_graph(args: tuple) -> Any:
+    """Top-k / top-p / min-p sampling with the descending sort inside the program.
+
+    Same contract as sglang-jax 0.0.2's non-TPU sampling function (its argument tuple, its
+    masks and its `multinomial*` choice), but the probabilities are ordered with
+    `jnp.argsort` instead of a host callback. The callback runs on one device of a mesh
+    (XLA places it maximally); with a mesh spanning several JAX processes it blocked:
+    process 0's callback thread waited forever for its own operand while process 1 waited
+    in the collective (measured: lockstep engine hung in precompile or in the first sampled
+    call). In-graph, every device runs the same sort. Ties are ordered by index.
+    """
+    import jax.numpy as jnp
+    from jax import lax
+    from sgl_jax.srt.layers import sampler as sampler_mod
+
+    (_, probs, top_ks, top_ps, min_ps, positions, _, seeds, need_min_p, rng) = args
+    order = jnp.argsort(jnp.nan_to_num(probs, nan=-jnp.inf), axis=-1, descending=True,
+                        stable=True).astype(jnp.int32)
+    clean = jnp.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
+    ranked = jnp.take_along_axis(clean, order, axis=-1)
+    mass_before = jnp.cumsum(ranked, axis=-1)
+    ranked = jnp.where(jnp.arange(probs.shape[-1])[None, :] >= top_ks[:, None], 0.0, ranked)
+    ranked = jnp.where(mass_before - ranked > top_ps[:, None], 0.0, ranked)
+    ranked = lax.cond(need_min_p, lambda ops: sampler_mod._apply_min_p_filter(ops),
+                      lambda ops: ops[0], (ranked, min_ps))
+    choose = sampler_mod.multinomial if seeds is None else sampler_mod.multinomial_with_seed
+    picked = choose((ranked, seeds, positions, rng))
+    return jnp.take_along_axis(order, picked, axis=1).flatten()
+
+
+def fix_sampler_sort_in_graph() -> bool:
+    """Replace the host-callback sort of the non-TPU sampler with an in-graph sort."""
+    from sgl_jax.srt.layers import sampler as sampler_mod
+
+    name = "top_k_top_p_min_p_sampling_from_probs_jax_not_tpu_runtime"
+    fn = getattr(sampler_mod, name, None)
+    if fn is None or getattr(fn, "_tunix_sglang_fix", False) or not sampler_sorts_on_host(fn):
+        return False
+    ORIGINALS[f"sampler.{name}"] = fn
+
+    @functools.wraps(fn)
+    def sampling(args):
+        return sample_sorted_in_graph(args)
+
+    sampling._tunix_sglang_fix = True
+    setattr(sampler_mod, name, sampling)
     return True
 
 
@@ -1228,6 +1288,8 @@ FIXES: list[tuple[str, Callable[[], bool], str]] = [
      "NativeAttention registered twice as a pytree (flax 0.12 registers nnx Modules)"),
     ("sglang_jax.min_p_filter_arity", fix_min_p_filter_arity,
      "non-TPU sampler passed a 3-tuple to _apply_min_p_filter (unpacks 2)"),
+    ("sglang_jax.sampler_sort_in_graph", fix_sampler_sort_in_graph,
+     "non-TPU sampler sorted in a host callback (hangs a mesh spanning processes)"),
     ("sglang_jax.forward_reads_weights", fix_forward_reads_weights,
      "jitted forward closed over its weight leaves; sync could not change outputs"),
     ("sglang_jax.logprob_logits_padding", fix_logprob_logits_padding,

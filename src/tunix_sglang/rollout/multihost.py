@@ -26,12 +26,19 @@ EOS times) and the hosts would enter different collectives: a hang, or on TPU
   in 0.0.2 it calls `jax.distributed.initialize` itself (the trainer already did), and
   relays requests over zmq pub/sub with a 5 s receive timeout on every scheduler
   iteration.
+  On CPU the compat fix `sampler_sort_in_graph` is needed too: 0.0.2's non-TPU sampler
+  sorts in a host callback, which XLA runs on one device of the mesh; with the mesh
+  spanning processes it blocked (process 0's callback waiting, the others in the
+  collective), intermittently, in precompile or in the first sampled call.
   Status with 0.0.2 on CPU: lockstep stays in step with temperature-1 sampling and random
   EOS times (identical losses on every process). It is opt-in; host_local is the default
   (on CPU each lockstep engine program runs redundantly on every process's devices).
 
 Failing safely: every cross-process step is preceded by a bounded barrier
-(`cluster.step_barrier`), and lockstep engine calls run under a controller-side timeout.
+(`cluster.step_barrier`). Waits of unknown length (engine start-up and precompile, lockstep
+engine calls) are bounded by liveness instead: every process publishes its CPU seconds
+(`cluster.start_heartbeat`), and the wait fails once no process has been busy for the
+timeout (processes stuck in a collective burn no CPU; a slow compile does).
 A desync raises `DesyncError` naming the missing process (or the stuck configuration) and
 arms a hard-exit timer, so a process whose scheduler thread is stuck inside an XLA
 collective still exits and `tunix-sglang launch` stops the others.
@@ -42,7 +49,8 @@ TrainConfig has it, else from the environment variable TUNIX_SGLANG_MULTIHOST_MO
 global engine to which each process would submit its own, differently sized share; the
 pre-call check refuses it on the first call, where running it aborts every process inside
 gloo ("collective mismatch") on CPU or hangs on TPU).
-TUNIX_SGLANG_MULTIHOST_TIMEOUT (seconds, default 30) bounds every wait for another process.
+TUNIX_SGLANG_MULTIHOST_TIMEOUT (seconds, default 30) bounds every wait for another process
+(for the liveness-bounded waits: how long the whole cluster may be idle).
 TUNIX_SGLANG_MULTIHOST_STATS=DIR makes every process append per-call rollout statistics
 (per-host completion lengths, timings) to DIR/multihost_rollout.process{i}.jsonl; by default
 they go to the run's output directory.
@@ -78,8 +86,8 @@ ENV_MODE = "TUNIX_SGLANG_MULTIHOST_MODE"
 ENV_TIMEOUT = "TUNIX_SGLANG_MULTIHOST_TIMEOUT"
 ENV_STATS = "TUNIX_SGLANG_MULTIHOST_STATS"
 DEFAULT_TIMEOUT_S = 30.0
-# Engines start (and precompile) at different speeds on different hosts.
-START_TIMEOUT_S = 600.0
+# Upper bound on any single wait, however busy the cluster (engine start, one call).
+START_TIMEOUT_S = 3600.0
 # After a desync, how long the process may spend unwinding (checkpoint, shutdown) before it
 # is ended: a thread stuck inside a collective never returns.
 HARD_EXIT_GRACE_S = 20.0
@@ -221,6 +229,15 @@ def arm_hard_exit(message: str, grace_s: float = HARD_EXIT_GRACE_S) -> None:
         os._exit(HARD_EXIT_CODE)  # noqa: SLF001 (threads stuck in XLA never return)
 
     threading.Thread(target=_exit, name="tunix-sglang-hard-exit", daemon=True).start()
+
+
+def live_barrier(name: str, stall_s: float | None = None) -> None:
+    """`cluster.live_barrier` (waits while any process is busy) that arms the hard exit."""
+    try:
+        cluster_lib.live_barrier(name, stall_s or wait_timeout_s(), START_TIMEOUT_S)
+    except cluster_lib.DesyncError as e:
+        arm_hard_exit(str(e))
+        raise
 
 
 def bounded_barrier(name: str, timeout_s: float | None = None) -> None:
@@ -382,9 +399,14 @@ class MultihostSglangRollout(SglangJaxRollout):
         self.settings = settings
         self._stats_path = self._stats_file(stats_dir, train_config)
         self._model = _copy_params(rollout_actor) if keep_model_copy else None
-        bounded_barrier("multihost/engine_start", START_TIMEOUT_S)
-        self.engine = engine_cls(settings).start()
-        bounded_barrier("multihost/engine_ready", START_TIMEOUT_S)
+        # Start-up (load, precompile) takes minutes and differs between hosts; with a
+        # global mesh the precompile programs are collectives. These waits fail once no
+        # process has made progress for `timeout_s`, not after a fixed bound.
+        live_barrier("multihost/engine_start", self.timeout_s)
+        with cluster_lib.stall_guard("engine start (load and precompile)", arm_hard_exit,
+                                     self.timeout_s):
+            self.engine = engine_cls(settings).start()
+        live_barrier("multihost/engine_ready", self.timeout_s)
         # The engine starts with dummy weights: give it the actor's right away.
         self.last_sync = self._engine_call(lambda: self.engine.sync_from_tunix(rollout_actor),
                                            "initial weight sync")
@@ -420,17 +442,22 @@ class MultihostSglangRollout(SglangJaxRollout):
 
         t = threading.Thread(target=run, name="tunix-sglang-engine-call", daemon=True)
         t.start()
-        t.join(self.timeout_s)
-        if t.is_alive():
-            msg = (
-                f"process {self.process_index}: {what} did not finish in {self.timeout_s:g}s "
-                f"on the engine whose mesh spans all {self.process_count} processes "
-                f"(multihost mode {self.mode!r}); the processes are no longer running the "
-                "same engine programs (desync). Use multihost mode 'host_local', or "
-                "'lockstep' with identical requests on every process."
-            )
-            arm_hard_exit(msg)
-            raise cluster_lib.DesyncError(msg)
+        watch, t0 = cluster_lib.StallWatch(), time.monotonic()
+        while t.is_alive():
+            t.join(0.5)
+            idle, waited = watch.observe(), time.monotonic() - t0
+            if t.is_alive() and (idle >= self.timeout_s or waited >= START_TIMEOUT_S):
+                why = (f"no process has made progress for {idle:.0f}s"
+                       if idle >= self.timeout_s else f"still running after {waited:.0f}s")
+                msg = (
+                    f"process {self.process_index}: {what} is stuck ({why}) on the engine "
+                    f"whose mesh spans all {self.process_count} processes (multihost mode "
+                    f"{self.mode!r}); the processes are no longer running the same engine "
+                    "programs (desync). Use multihost mode 'host_local', or 'lockstep' with "
+                    "identical requests on every process."
+                )
+                arm_hard_exit(msg)
+                raise cluster_lib.DesyncError(msg)
         if "error" in box:
             e = box["error"]
             if isinstance(e, (UserError, cluster_lib.DesyncError)):
