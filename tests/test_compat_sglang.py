@@ -74,21 +74,45 @@ def _sampling_args(top_k, top_p, min_p, need_min_p, key, bs=6, vocab=300):
 
 
 def test_sampler_sort_in_graph():
-    """The non-TPU sampler's sort runs inside the program (the original compiles a Python
-    host callback, which blocked a lockstep engine whose mesh spans processes), and it
-    samples exactly the tokens the original samples for the same random key."""
+    """On a mesh spanning processes the non-TPU sampler's sort runs inside the program (the
+    original compiles a Python host callback, which blocked a lockstep engine whose mesh
+    spans processes), sampling exactly the tokens the original samples for the same key."""
     from sgl_jax.srt.layers import sampler
+
+    from tunix_sglang.compat import sglang_jax_fixes as fixes
 
     name = "top_k_top_p_min_p_sampling_from_probs_jax_not_tpu_runtime"
     orig, fixed = ORIG[f"sampler.{name}"], getattr(sampler, name)
     args = _sampling_args(300, 1.0, 0.0, False, 0)
     assert "python_cpu_callback" in jax.jit(orig).lower(args).as_text()
-    assert "callback" not in jax.jit(fixed).lower(args).as_text()
+    # On one process's devices the (faster) host sort stays...
+    assert not fixes._SORT_IN_GRAPH.is_set()
+    assert "python_cpu_callback" in jax.jit(fixed).lower(args).as_text()
+    # ...an engine on devices of two processes switches this process to the in-graph sort.
+    other = type("D", (), {"process_index": 1})()
+    assert not fixes.mesh_spans_processes(jax.devices())
+    with fixes.engine_devices(jax.devices()):
+        assert not fixes._SORT_IN_GRAPH.is_set()
+    try:
+        with fixes.engine_devices([*jax.devices(), other]):
+            pass
+        assert fixes._SORT_IN_GRAPH.is_set()
+        _check_in_graph_sort(orig, fixed)
+    finally:
+        fixes._SORT_IN_GRAPH.clear()
+
+
+def _check_in_graph_sort(orig, fixed):
+    args = _sampling_args(300, 1.0, 0.0, False, 0)
+    # A new function for jit: traces are cached per function, and the flag is read when
+    # tracing (as in the engine, whose sampler is traced after the flag is set).
+    assert "callback" not in jax.jit(lambda a: fixed(a)).lower(args).as_text()
     for top_k, top_p, min_p, need in [(300, 1.0, 0.0, False), (5, 1.0, 0.0, False),
                                       (300, 0.5, 0.0, False), (300, 1.0, 0.3, True)]:
         for key in range(4):
             a = _sampling_args(top_k, top_p, min_p, need, key)
-            assert np.array_equal(np.asarray(jax.jit(orig)(a)), np.asarray(jax.jit(fixed)(a)))
+            assert np.array_equal(np.asarray(jax.jit(orig)(a)),
+                                  np.asarray(jax.jit(lambda x: fixed(x))(a)))
     # top_k=1 must pick each row's most likely token.
     a = _sampling_args(1, 1.0, 0.0, False, 3)
     assert np.array_equal(np.asarray(fixed(a)), np.asarray(jnp.argmax(a[1], -1)))

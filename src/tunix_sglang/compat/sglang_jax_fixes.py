@@ -247,8 +247,24 @@ def sample_sorted_in_graph(args: tuple) -> Any:
     return jnp.take_along_axis(order, picked, axis=1).flatten()
 
 
+# Set (for good) once this process starts an engine whose mesh spans processes; only then
+# is the in-graph sort used. XLA's CPU sort is slower than the host callback (measured:
+# 25 vs 11 ms for 32 x 1,024 probabilities, 6.8 vs 1.2 s for 32 x 151,936), and on one
+# process's devices the callback is safe.
+_SORT_IN_GRAPH = threading.Event()
+
+
+def mesh_spans_processes(devices: Sequence[Any] | None) -> bool:
+    """True when an engine on `devices` (None: every device) spans several JAX processes."""
+    import jax
+
+    if devices is None:
+        return jax.process_count() > 1
+    return len({getattr(d, "process_index", 0) for d in devices}) > 1
+
+
 def fix_sampler_sort_in_graph() -> bool:
-    """Replace the host-callback sort of the non-TPU sampler with an in-graph sort."""
+    """Sort in-graph, instead of in the host callback, on meshes spanning processes."""
     from sgl_jax.srt.layers import sampler as sampler_mod
 
     name = "top_k_top_p_min_p_sampling_from_probs_jax_not_tpu_runtime"
@@ -258,8 +274,8 @@ def fix_sampler_sort_in_graph() -> bool:
     ORIGINALS[f"sampler.{name}"] = fn
 
     @functools.wraps(fn)
-    def sampling(args):
-        return sample_sorted_in_graph(args)
+    def sampling(args):  # decided when the sampler is traced
+        return sample_sorted_in_graph(args) if _SORT_IN_GRAPH.is_set() else fn(args)
 
     sampling._tunix_sglang_fix = True
     setattr(sampler_mod, name, sampling)
@@ -1177,6 +1193,8 @@ _DEVICE_CHOICE = _DeviceChoice()
 def engine_devices(devices: Sequence[Any] | None, skip_penalty_precompile: bool = False):
     """Within this block, sglang-jax schedulers created by this thread use `devices`
     (and, if asked, do not precompile the penalty programs)."""
+    if mesh_spans_processes(devices):
+        _SORT_IN_GRAPH.set()
     prev = (_DEVICE_CHOICE.devices, _DEVICE_CHOICE.skip_penalty_precompile)
     _DEVICE_CHOICE.devices = list(devices) if devices is not None else None
     _DEVICE_CHOICE.skip_penalty_precompile = skip_penalty_precompile
