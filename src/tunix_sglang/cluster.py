@@ -230,7 +230,11 @@ def live_barrier(name: str, stall_s: float = BARRIER_TIMEOUT_S,
     prefix = f"tunix_sglang/live/{name}/"
     client.key_value_set(f"{prefix}{me}", "1")
     watch, t0 = StallWatch(), time.monotonic()
+    missing = [p for p in range(n) if p != me]
     while True:
+        with contextlib.suppress(Exception):  # DEADLINE_EXCEEDED: not there yet
+            # Returns as soon as the first missing process arrives.
+            client.blocking_key_value_get(f"{prefix}{missing[0]}", int(poll_s * 1000))
         arrived = {int(k.rsplit("/", 1)[-1]) for k, _ in client.key_value_dir_get(prefix)}
         missing = sorted(set(range(n)) - arrived)
         if not missing:
@@ -242,7 +246,6 @@ def live_barrier(name: str, stall_s: float = BARRIER_TIMEOUT_S,
                    "or dead)" if idle >= stall_s else f"still not there after {max_s:g}s")
             raise DesyncError(f"process {me}: barrier {name!r}: process(es) {missing} "
                               f"missing; {why}")
-        time.sleep(poll_s)
 
 
 @contextlib.contextmanager

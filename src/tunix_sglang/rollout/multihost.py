@@ -531,8 +531,9 @@ class MultihostSglangRollout(SglangJaxRollout):
             rows = max(h - lo_ for lo_, h in bounds)
             tok, lp, lengths = pad_samples([s.tokens for s in samples],
                                            [s.logprobs for s in samples], rows, width)
-            # Different hosts finish at different times: wait (bounded) before the collective.
-            bounded_barrier(f"multihost/gather{call}", self.timeout_s)
+            # Hosts finish their shares at different times (EOS, load): wait for as long as
+            # some host is still busy, then gather.
+            live_barrier(f"multihost/gather{call}", self.timeout_s)
             g_tok, g_lp, g_len, g_sec = self._allgather(
                 (tok, lp, lengths, np.array([t1 - t0], np.float64)))
             tokens, logprobs, per_host = unpad_samples(g_tok, g_lp, g_len, bounds)
