@@ -1,5 +1,6 @@
 """Multi-host rollout figures on one machine: host-local engines (2 processes x 2 CPU devices)
-vs one process with the same 4 devices; weight-sync time into the host-local engines.
+vs one process with the same 4 devices vs one lockstep engine over both processes;
+weight-sync time into the host-local engines.
 
     .venv/bin/python bench/bench_multihost.py [--steps 6]   -> bench/results/multihost.json
 
@@ -46,13 +47,15 @@ def main() -> int:
                                   "16 new tokens, tiny Qwen3 (tied, default)"}
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        for name, n, k in (("single_process_4_devices", 1, 4), ("host_local_2x2", 2, 2)):
+        for name, n, k, mode in (("single_process_4_devices", 1, 4, "host_local"),
+                                 ("host_local_2x2", 2, 2, "host_local"),
+                                 ("lockstep_2x2", 2, 2, "lockstep")):
             d = t / name
             d.mkdir()
             cfg = train_cfg(d / "run", model or "", args.steps)
             cfg.pop("local_model_dir")
             cfg["num_generations"] = 4
-            codes, logs, secs = run_cluster(d, env, cfg, "host_local", n=n, k=k, timeout=900)
+            codes, logs, secs = run_cluster(d, env, cfg, mode, n=n, k=k, timeout=900)
             if any(codes):
                 print(logs[0][-3000:], file=sys.stderr)
                 return 1
