@@ -45,7 +45,7 @@ def test_launch_stops_every_process_on_timeout(run_cli, tmp_path):
 
 
 DESYNC = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from tunix_sglang.cluster import Topology, initialize, step_barrier, DesyncError
     pid = int(sys.argv[1])
     initialize(Topology("127.0.0.1:" + sys.argv[2], 2, pid))
@@ -57,7 +57,7 @@ DESYNC = textwrap.dedent("""
         step_barrier("step2", timeout_s=5)
     except DesyncError as e:
         print("DESYNC:", e, flush=True)
-        sys.exit(3)
+        os._exit(3)  # as the rollout does (hard exit): not jax's shutdown barrier
 """)
 
 

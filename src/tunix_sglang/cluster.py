@@ -6,6 +6,7 @@ the code asks `process_index()` / `is_primary()`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
@@ -162,16 +163,24 @@ def start_heartbeat(interval_s: float = HEARTBEAT_S) -> bool:
         return False
     _heartbeat_started.set()
     key = f"{_HEARTBEAT_KEY}{jax.process_index()}"
+    stop = threading.Event()
 
     def beat():
-        while True:
+        while not stop.is_set():
             try:
                 client.key_value_set(key, f"{time.process_time():.3f}", allow_overwrite=True)
             except Exception:  # the coordinator is gone: nothing left to report to
                 return
-            time.sleep(interval_s)
+            stop.wait(interval_s)
 
-    threading.Thread(target=beat, name="tunix-sglang-heartbeat", daemon=True).start()
+    t = threading.Thread(target=beat, name="tunix-sglang-heartbeat", daemon=True)
+    t.start()
+
+    def stop_beating():  # registered after jax's shutdown, so it runs before it
+        stop.set()
+        t.join(timeout=5)
+
+    atexit.register(stop_beating)
     return True
 
 
