@@ -15,6 +15,23 @@ from conftest import REPO
 from tunix_sglang.launch import free_port
 
 
+def _run_two_processes(script: str, env: dict, timeout: float):
+    """Run `python -c script PROCESS_ID PORT` as processes 0 and 1 of one cluster; both are
+    killed if still running after `timeout`. Returns (processes, outputs)."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), port], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=REPO) for i in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, 9)
+            p.wait()
+    return procs, outs
+
+
 def _losses(path):
     return [json.loads(x)["loss"] for x in path.read_text().splitlines()]
 
@@ -114,17 +131,7 @@ def test_liveness_waits_for_busy_processes_and_fails_on_stuck_ones(cli_env):
     """Waits of unknown length (engine start-up, precompile, lockstep engine calls) last as
     long as some process is busy, and fail within the stall bound, naming the missing
     process, once every process is idle: stuck in a collective or dead."""
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", LIVENESS, str(i), port], env=cli_env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              cwd=REPO) for i in (0, 1)]
-    try:
-        outs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.kill(p.pid, 9)
-            p.wait()
+    procs, outs = _run_two_processes(LIVENESS, cli_env, timeout=120)
     # Process 0 waited the full 12 s of process 1's work, more than the 5 s stall bound.
     waited = re.search(r"SLOW OK after (\d+)s", outs[0])
     assert waited and int(waited.group(1)) >= 9, outs[0][-2000:]
@@ -198,18 +205,8 @@ def test_engine_state_and_devices_on_a_mesh_spanning_processes(cli_env):
     (committed to one local device) placed on a mesh over both processes (`jax.device_put`
     refuses it, `place_replicated` places it), and `select_devices` choosing among every
     process's devices only with `global_devices`."""
-    port = str(free_port())
     env = {**cli_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = [subprocess.Popen([sys.executable, "-c", PLACE, str(i), port], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              cwd=REPO) for i in (0, 1)]
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.kill(p.pid, 9)
-            p.wait()
+    procs, outs = _run_two_processes(PLACE, env, timeout=240)
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
         assert out.count("PLAIN DEVICE_PUT REFUSED") == 2, out[-3000:]
