@@ -87,7 +87,7 @@ ENV_TIMEOUT = "TUNIX_SGLANG_MULTIHOST_TIMEOUT"
 ENV_STATS = "TUNIX_SGLANG_MULTIHOST_STATS"
 DEFAULT_TIMEOUT_S = 30.0
 # Upper bound on any single wait, however busy the cluster (engine start, one call).
-START_TIMEOUT_S = 3600.0
+MAX_WAIT_S = 3600.0
 # After a desync, how long the process may spend unwinding (checkpoint, shutdown) before it
 # is ended: a thread stuck inside a collective never returns.
 HARD_EXIT_GRACE_S = 20.0
@@ -234,7 +234,7 @@ def arm_hard_exit(message: str, grace_s: float = HARD_EXIT_GRACE_S) -> None:
 def live_barrier(name: str, stall_s: float | None = None) -> None:
     """`cluster.live_barrier` (waits while any process is busy) that arms the hard exit."""
     try:
-        cluster_lib.live_barrier(name, stall_s or wait_timeout_s(), START_TIMEOUT_S)
+        cluster_lib.live_barrier(name, stall_s or wait_timeout_s(), MAX_WAIT_S)
     except cluster_lib.DesyncError as e:
         arm_hard_exit(str(e))
         raise
@@ -446,7 +446,7 @@ class MultihostSglangRollout(SglangJaxRollout):
         while t.is_alive():
             t.join(0.5)
             idle, waited = watch.observe(), time.monotonic() - t0
-            if t.is_alive() and (idle >= self.timeout_s or waited >= START_TIMEOUT_S):
+            if t.is_alive() and (idle >= self.timeout_s or waited >= MAX_WAIT_S):
                 why = (f"no process has made progress for {idle:.0f}s"
                        if idle >= self.timeout_s else f"still running after {waited:.0f}s")
                 msg = (
