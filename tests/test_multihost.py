@@ -211,3 +211,16 @@ def test_engine_state_and_devices_on_a_mesh_spanning_processes(cli_env):
         assert p.returncode == 0, out[-3000:]
         assert out.count("PLAIN DEVICE_PUT REFUSED") == 2, out[-3000:]
         assert "PLACED" in out and "GLOBAL DEVICES OK" in out, out[-3000:]
+
+
+def test_tpu_slice_workers_joins_only_multi_worker_slices():
+    """On a TPU slice launched without flags `train` joins the other workers itself (JAX
+    detects coordinator and ids); not on one host, not without a TPU, not under Pathways."""
+    from tunix_sglang.cluster import tpu_slice_workers
+
+    two = {"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}
+    assert tpu_slice_workers(two, tpu=True) == 2
+    assert tpu_slice_workers({"TPU_WORKER_HOSTNAMES": "10.0.0.2"}, tpu=True) == 0
+    assert tpu_slice_workers({}, tpu=True) == 0
+    assert tpu_slice_workers(two, tpu=False) == 0
+    assert tpu_slice_workers({**two, "JAX_PLATFORMS": "proxy"}, tpu=True) == 0

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from tunix_sglang.errors import UserError
 
@@ -69,9 +69,32 @@ def pathways_requested() -> bool:
     return "proxy" in os.environ.get("JAX_PLATFORMS", "")
 
 
+def tpu_slice_workers(env: Mapping[str, str] | None = None, tpu: bool | None = None) -> int:
+    """Workers of the TPU slice this host belongs to, when JAX must join them itself: a TPU
+    VM whose TPU_WORKER_HOSTNAMES lists several hosts, not under Pathways (one controller).
+    0 otherwise."""
+    env = dict(os.environ) if env is None else env
+    if "proxy" in env.get("JAX_PLATFORMS", "") or not (tpu_present() if tpu is None else tpu):
+        return 0
+    n = len(tpu_worker_hosts(env))
+    return n if n > 1 else 0
+
+
+def tpu_worker_hosts(env: Mapping[str, str]) -> list[str]:
+    """The slice's workers as the TPU VM lists them (TPU_WORKER_HOSTNAMES)."""
+    return [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+
+
 def initialize(topo: Topology) -> None:
-    """Join the JAX cluster if this run spans several processes (before any JAX computation)."""
+    """Join the JAX cluster if this run spans several processes (before any JAX computation):
+    from the explicit topology (`launch`, flags), or on a multi-worker TPU slice by JAX's own
+    detection of coordinator, process count and id."""
     if not topo.distributed:
+        if tpu_slice_workers() and _client() is None:
+            import jax
+
+            jax.distributed.initialize()
+            start_heartbeat()
         return
     import jax
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from tunix_sglang import cluster as cluster_lib
 from tunix_sglang.config import ROLLOUT_ENGINES, TrainConfig
 
 Status = Literal["OK", "WARN", "FAIL"]
@@ -244,7 +245,7 @@ def check_processes(facts: DeviceFacts, env: Mapping[str, str] | None = None) ->
         return Check("processes", "WARN", "unknown (no backend)")
     detail = (f"process {facts.process_index} of {facts.process_count}; "
               f"{facts.local_device_count} local / {facts.device_count} global devices")
-    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    hosts = cluster_lib.tpu_worker_hosts(env)
     if len(hosts) > facts.process_count:
         return Check("processes", "WARN",
                      f"{detail}, but TPU_WORKER_HOSTNAMES lists {len(hosts)} workers",
