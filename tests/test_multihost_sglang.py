@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from tunix_sglang.errors import UserError
 from tunix_sglang.launch import free_port, process_env
 from tunix_sglang.rollout import multihost
 
@@ -170,6 +171,14 @@ def test_pad_unpad_round_trip_keeps_global_order():
     assert [t.tolist() for t in out_t] == [t.tolist() for t in toks]
     assert per_host == [[3], [1, 2]]
     assert all(len(a) == len(b) for a, b in zip(out_lp, lps, strict=True))
+
+
+def test_bad_timeout_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv(multihost.ENV_TIMEOUT, "soon")
+    with pytest.raises(UserError, match="TUNIX_SGLANG_MULTIHOST_TIMEOUT='soon' is not a number"):
+        multihost.wait_timeout_s()
+    monkeypatch.setenv(multihost.ENV_TIMEOUT, "45")
+    assert multihost.wait_timeout_s() == 45.0
 
 
 def test_mode_selection(monkeypatch):

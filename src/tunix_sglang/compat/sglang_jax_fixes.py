@@ -238,9 +238,9 @@ def sample_sorted_in_graph(args: tuple) -> Any:
                         stable=True).astype(jnp.int32)
     clean = jnp.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
     ranked = jnp.take_along_axis(clean, order, axis=-1)
-    mass_before = jnp.cumsum(ranked, axis=-1)
+    cumulative = jnp.cumsum(ranked, axis=-1)  # top-p: the mass before each rank, unmasked
     ranked = jnp.where(jnp.arange(probs.shape[-1])[None, :] >= top_ks[:, None], 0.0, ranked)
-    ranked = jnp.where(mass_before - ranked > top_ps[:, None], 0.0, ranked)
+    ranked = jnp.where(cumulative - ranked > top_ps[:, None], 0.0, ranked)
     ranked = lax.cond(need_min_p, lambda ops: sampler_mod._apply_min_p_filter(ops),
                       lambda ops: ops[0], (ranked, min_ps))
     choose = sampler_mod.multinomial if seeds is None else sampler_mod.multinomial_with_seed
@@ -317,7 +317,7 @@ def decode_attention_per_sequence(q: Any, k_cache: Any, v_cache: Any, seq_length
     offs = jnp.arange(width)[None, :]
     pos = starts[:, None] + offs
     slot = loc[jnp.clip(pos, 0, total - 1)]
-    valid = (offs < seq_lengths[:, None]) & (pos < total) & (slot > 0)
+    valid = (offs < seq_lengths[:, None]) & (slot > 0)  # within the sequence: pos < total
     safe = jnp.where(valid, slot, k_cache.shape[0])  # out of range: filled with zeros
     k = jnp.take(k_cache, safe, axis=0, mode="fill", fill_value=0)
     v = jnp.take(v_cache, safe, axis=0, mode="fill", fill_value=0)
@@ -335,8 +335,10 @@ def fix_native_decode_attention() -> bool:
 
     0.0.2's native backend computes a [heads, rows, rows x max_req_len] score matrix for a
     decode step and masks all but each sequence's own keys: cost and memory grow with the
-    square of the batch (a 25.5 GB buffer at batch 128 x 592 tokens, bench/README.md). The
-    per-sequence gather gives the same outputs. Prefill (EXTEND) keeps the original path.
+    square of the batch (25x the FLOPs of the per-sequence gather at batch 32; measured
+    2.3-3.6x the decode throughput, bench/README.md). The per-sequence gather gives the same
+    outputs. Prefill (EXTEND) keeps the original block-diagonal path, which still runs out
+    of host memory at batch 128 x 552-token contexts.
     """
     from sgl_jax.srt.layers.attention import native_backend
     from sgl_jax.srt.model_executor.forward_batch_info import ForwardMode

@@ -109,7 +109,15 @@ def multihost_mode(cfg: Any = None) -> str:
 
 
 def wait_timeout_s() -> float:
-    return float(os.environ.get(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S)
+    raw = os.environ.get(ENV_TIMEOUT) or ""
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"{ENV_TIMEOUT}={raw!r} is not a number of seconds > 0; unset it or "
+                        f"set e.g. {ENV_TIMEOUT}=30")
+    return value
 
 
 def engine_for(cfg: Any, model_dir: Any) -> Any:
