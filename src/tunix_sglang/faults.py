@@ -1,0 +1,50 @@
+"""Fault injection, for the tests and for a user who wants to see the checks fire.
+
+`TUNIX_SGLANG_INJECT_FAULT=NAME[@N][,NAME[@N]...]` switches on named faults in the product
+code; `@N` limits a fault to occurrence/step/version N (what N counts is the fault's own
+description). Unknown names are a one-line error, so a typo never runs a clean job that the
+user believes is faulted.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tunix_sglang.errors import UserError
+
+ENV = "TUNIX_SGLANG_INJECT_FAULT"
+
+# name -> what it does (shown in the error for an unknown name; the README lists them).
+KNOWN: dict[str, str] = {}
+
+
+def _parse(raw: str) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        name, _, at = part.partition("@")
+        if name not in KNOWN:
+            raise UserError(f"{ENV}={raw!r}: unknown fault {name!r}; known: "
+                            f"{', '.join(sorted(KNOWN)) or 'none'}")
+        try:
+            out[name] = int(at) if at else None
+        except ValueError:
+            raise UserError(f"{ENV}={raw!r}: {part!r} needs a whole number after '@'") from None
+    return out
+
+
+def active() -> dict[str, int | None]:
+    """{fault name: N or None} from the environment (raises UserError for a bad value)."""
+    return _parse(os.environ.get(ENV, ""))
+
+
+def injected(name: str, at: int | None = None) -> bool:
+    """True when fault `name` is switched on (and, with `@N` given, `at == N`)."""
+    if name not in KNOWN:
+        raise KeyError(f"fault {name!r} is not registered in faults.KNOWN")
+    faults = active()
+    if name not in faults:
+        return False
+    want = faults[name]
+    return want is None or at is None or want == at
