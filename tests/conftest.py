@@ -70,3 +70,55 @@ def perturbed(model, scale: float = 0.05, seed: int = 1):
              if jnp.issubdtype(x.dtype, jnp.floating) else x
              for x, k in zip(leaves, keys, strict=True)]
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, noisy))
+
+
+class EngineAsRollout:
+    """A bare InProcessEngine as the sync proof sees a rollout (`probe.prove`)."""
+
+    def __init__(self, engine):
+        import types
+
+        self.engine = engine
+        self.rollout_config = types.SimpleNamespace(
+            max_prompt_length=engine.settings.max_prompt_len)
+
+    def sync_evidence(self, seq):
+        return [self.engine.evidence(seq.prefixes())]
+
+
+def probe_diff(rollout, model) -> float:
+    """The proof's numerics alone: max |Δ logprob| over the probe's top-16 tokens between
+    every engine of `rollout` and the Tunix `model` (whatever their fingerprints)."""
+    from tunix_sglang.probe import scoring
+
+    seq = scoring.probe_sequence(int(model.embedder.input_embedding.value.shape[0]),
+                                 rollout.rollout_config.max_prompt_length)
+    rows = scoring.trainer_rows(model, seq)
+    return max(scoring.compare(rows, r.logits)[0] for r in rollout.sync_evidence(seq))
+
+
+def one_adamw_step(model, lr: float, seed: int = 0):
+    """A copy of a Tunix `model` after one real AdamW step (the runner's optimizer) at `lr`,
+    on next-token cross-entropy of random tokens."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from tunix_sglang.rollout.common import copy_params
+
+    model = copy_params(model)
+    vocab = int(model.embedder.input_embedding.value.shape[0])
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (4, 17)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(16), (4, 16))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((16, 16), bool)), (4, 16, 16))
+
+    def loss_fn(m):
+        logits, _ = m(tokens[:, :-1], positions, None, mask)
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        return -jnp.mean(jnp.take_along_axis(lp, tokens[:, 1:, None], -1))
+
+    opt = nnx.Optimizer(model, optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=0.1), wrt=nnx.Param)
+    opt.update(model, nnx.grad(loss_fn)(model))
+    return model

@@ -12,9 +12,12 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+from conftest import EngineAsRollout  # noqa: E402
 
-from tunix_sglang.engine import EngineSettings, InProcessEngine, tunix_greedy  # noqa: E402
+from tunix_sglang import probe  # noqa: E402
+from tunix_sglang.engine import EngineSettings, InProcessEngine  # noqa: E402
 from tunix_sglang.models import inspect_model_dir, load_model  # noqa: E402
+from tunix_sglang.probe.scoring import tunix_greedy, tunix_token_logprobs  # noqa: E402
 from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model  # noqa: E402
 
 PUBLISHED = {
@@ -41,6 +44,8 @@ def test_engine_matches_trainer_on_published_config(name, tmp_path):
         samples = eng.generate(PROMPTS, max_new_tokens=8, temperature=0.0, ignore_eos=True)
         for prompt, s in zip(PROMPTS, samples, strict=True):
             assert s.tokens.tolist() == tunix_greedy(trainer, prompt, 8)
-        assert eng.probe_logprob_diff(trainer, prompt_ids=PROMPTS[1], num_tokens=4) <= 1e-4
+            ref = tunix_token_logprobs(trainer, prompt, s.tokens, 0.0)
+            assert np.max(np.abs(ref - s.logprobs)) <= 1e-4
+        assert probe.prove(EngineAsRollout(eng), trainer, eng.weight_version).check == "proven"
     finally:
         eng.shutdown()

@@ -43,7 +43,9 @@ _TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--checkpoint-every", int, "steps between checkpoints"),
     ("--eval-every", int, "steps between held-out greedy evaluations (0: before/after only)"),
     ("--eval-limit", int, "held-out problems per evaluation (0: none)"),
-    ("--sync-check-threshold", float, "max |Δ logprob| engine vs trainer after each sync"),
+    ("--sync-check-threshold", float, "max |Δ logprob| engine vs trainer on the sync proof's "
+     "probe (None: 1e-3 for float32 engines; for bfloat16 0.1 x the largest probe logit, "
+     "at least 0.25)"),
     ("--dtype", str, "float32 or bfloat16"),
 ]
 
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         # Failures the run detects itself (a sync that did not arrive, hosts out of step):
         # one line, not a traceback. Anything else keeps its traceback.
         from tunix_sglang.cluster import DesyncError
-        from tunix_sglang.grpo_step import SyncCheckError
+        from tunix_sglang.probe import SyncCheckError
 
         if not isinstance(e, (SyncCheckError, DesyncError)):
             raise

@@ -40,7 +40,8 @@ class TrainConfig:
     resume: bool = False
     eval_every: int = 0  # 0: evaluate only before the first and after the last step
     eval_limit: int = 64  # held-out problems per evaluation (0: no evaluation)
-    sync_check_threshold: float = 1e-3  # max |Δ logprob| between engine and trainer
+    # max |Δ logprob| engine vs trainer on the sync proof's probe; None: calibrated per dtype
+    sync_check_threshold: float | None = None
     dtype: str = "float32"
 
     def validate(self, num_devices: int | None = None) -> None:
@@ -86,6 +87,9 @@ class TrainConfig:
             raise UserError(f"--temperature {self.temperature}: must be > 0 for GRPO sampling")
         if self.data not in DATA_SOURCES:
             raise UserError(f"--data {self.data!r} is unknown; use one of {DATA_SOURCES}")
+        if self.sync_check_threshold is not None and not self.sync_check_threshold > 0:
+            raise UserError(f"--sync-check-threshold {self.sync_check_threshold}: must be > 0 "
+                            "(or unset for the calibrated default of the dtype)")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
         if num_devices is not None:
@@ -188,10 +192,10 @@ def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfi
                     v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
                 elif isinstance(default, int):
                     v = int(v)
-                elif isinstance(default, float):
+                elif isinstance(default, float) or f.type == "float | None":
                     v = float(v)
             except (TypeError, ValueError):
-                kind = type(default).__name__
+                kind = "float" if f.type == "float | None" else type(default).__name__
                 raise UserError(f"{f.name}: {v!r} is not a valid {kind}") from None
             setattr(cfg, f.name, v)
     cfg.validate()

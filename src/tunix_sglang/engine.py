@@ -9,12 +9,13 @@ One `InProcessEngine` wraps a sglang-jax `Engine` running in this process
 * `generate()` sends token ids and gets token ids back (the engine tokenizer is off:
   notes item 10) with the logprob of every sampled token; it runs on one long-lived asyncio
   loop thread (notes item 8).
-* `sync_from_tunix()` maps Tunix parameter names/layouts onto the engine's, reshards them
-  onto the engine's devices, swaps them into what the jitted forward reads (see
-  compat.sglang_jax_fixes.fix_forward_reads_weights), flushes the KV/radix caches and bumps
-  `weight_version`. Every engine parameter must be written or it raises.
-* `probe_logprob_diff()` proves a sync: greedy tokens of a fixed probe scored by the engine
-  and by the Tunix model; returns max |delta logprob|.
+* `sync_from_tunix()` maps Tunix parameter names/layouts onto the engine's (`weight_map`),
+  reshards them onto the engine's devices, swaps them into what the jitted forward reads
+  (see compat.sglang_jax_fixes.fix_forward_reads_weights), flushes the KV/radix caches and
+  sets `weight_version` (the trainer's optimizer steps, carried by the sync). Every engine
+  parameter must be written or it raises.
+* `evidence()` is the engine's side of the sync proof (`tunix_sglang.probe`): fingerprints of
+  the buffers its forward reads and the logits it computes for the probe's prefixes.
 
 Logprobs are those of the distribution each token was sampled from, before top-k/top-p
 truncation: `log_softmax(logits / temperature)`, and `log_softmax(logits)` for greedy
@@ -28,11 +29,9 @@ import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
-import re
 import threading
 import time
 import uuid
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from tunix_sglang import faults, weight_map
 from tunix_sglang.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ logger = logging.getLogger(__name__)
 
 class EngineError(RuntimeError):
     """The engine failed or returned something inconsistent."""
-
-
-class IncompleteSyncError(EngineError):
-    """A weight sync would leave engine parameters unwritten (or source params unused)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,7 +155,11 @@ class EngineSettings:
         if self.token_paddings:
             return sorted({int(t) for t in self.token_paddings if self.batch_size <= t <= top}
                           | {top})
-        return sorted({t for t in (top // 4, top) if t >= self.batch_size})
+        # The sync proof's prefill gets its own small padding (probe.scoring).
+        from tunix_sglang.probe.scoring import PROBE_TOKEN_PADDING
+
+        return sorted({t for t in (PROBE_TOKEN_PADDING, top // 4, top)
+                       if self.batch_size <= t <= top})
 
     def server_args_values(self, backend: str) -> dict[str, Any]:
         """All ServerArgs values this engine wants (before filtering by the installed version)."""
@@ -277,74 +277,6 @@ class SyncReport:
         }
 
 
-# ---------------------------------------------------------------------------------------
-# Parameter mapping Tunix -> sglang-jax
-# ---------------------------------------------------------------------------------------
-
-# Tunix names (Qwen3, Qwen2, Llama3 share them) -> engine names relative to the backbone
-# ("transformer" in 0.0.2, "model" upstream; detected from the engine). Layouts:
-#   copy      same shape
-#   reshape   same row-major order, merged head axes: q/k/v [D,H,hd]->[D,H*hd],
-#             o [H,hd,D]->[H*hd,D], biases [H,hd]->[H*hd]
-#   transpose Tunix lm_head [D,V] -> engine lm_head.embedding [V,D] (untied head, notes 12)
-_RULES: list[tuple[re.Pattern, str, str]] = [
-    (re.compile(r"embedder\.input_embedding"), "{B}.embed_tokens.embedding", "copy"),
-    (re.compile(r"final_norm\.w"), "{B}.norm.scale", "copy"),
-    (re.compile(r"lm_head\.w"), "lm_head.embedding", "transpose"),
-    (re.compile(r"layers\.(\d+)\.attn\.([qkvo])_proj\.w"),
-     r"{B}.layers.\1.self_attn.\2_proj.weight", "reshape"),
-    (re.compile(r"layers\.(\d+)\.attn\.([qkvo])_bias"),
-     r"{B}.layers.\1.self_attn.\2_proj.bias", "reshape"),
-    (re.compile(r"layers\.(\d+)\.attn\.([qk])_norm\.w"),
-     r"{B}.layers.\1.self_attn.\2_norm.scale", "copy"),
-    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.kernel"),
-     r"{B}.layers.\1.mlp.\2_proj.weight", "copy"),
-    (re.compile(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.w"),
-     r"{B}.layers.\1.\2.scale", "copy"),
-]
-
-
-def engine_name_for(tunix_name: str, backbone: str) -> tuple[str, str] | None:
-    for pat, template, op in _RULES:
-        m = pat.fullmatch(tunix_name)
-        if m:
-            return m.expand(template.replace("{B}", backbone)), op
-    return None
-
-
-def _path_names(path) -> list[str]:
-    from tunix_sglang.compat.sglang_jax_fixes import path_names
-
-    return path_names(path)
-
-
-def flatten_tunix_params(src: Any) -> tuple[dict[str, Any], list[str]]:
-    """{dotted name: array} of the Params in a Tunix model / nnx.State / nested dict.
-
-    Returns (params, ignored non-Param variable names).
-    """
-    import jax
-    from flax import nnx
-
-    if isinstance(src, nnx.Module):
-        src = nnx.state(src, nnx.Param)
-    out: dict[str, Any] = {}
-    ignored: list[str] = []
-    if isinstance(src, nnx.State):
-        for path, v in src.flat_state():
-            name = ".".join(str(p) for p in path)
-            if isinstance(v, nnx.Variable):
-                if not isinstance(v, nnx.Param):
-                    ignored.append(name)
-                    continue
-                v = v.value
-            out[name] = v
-        return out, ignored
-    for path, leaf in jax.tree_util.tree_flatten_with_path(src)[0]:
-        out[".".join(_path_names(path))] = leaf
-    return out, ignored
-
-
 @dataclasses.dataclass(frozen=True)
 class _EngineParam:
     index: int
@@ -352,119 +284,6 @@ class _EngineParam:
     shape: tuple[int, ...]
     dtype: Any
     sharding: Any
-
-
-def _transform(x, op: str, shape: tuple[int, ...], dtype):
-    import jax.numpy as jnp
-
-    if op == "transpose":
-        if x.ndim != 2:
-            raise IncompleteSyncError(f"cannot transpose a {x.ndim}-d array")
-        x = jnp.transpose(x)
-    if tuple(x.shape) != tuple(shape):
-        if op == "copy" or math.prod(x.shape) != math.prod(shape):
-            raise IncompleteSyncError(f"shape {tuple(x.shape)} cannot become {tuple(shape)}")
-        x = jnp.reshape(x, shape)
-    if x.dtype != dtype:
-        x = x.astype(dtype)
-    return x
-
-
-# ---------------------------------------------------------------------------------------
-# Tunix-side scoring (the reference the engine is checked against)
-# ---------------------------------------------------------------------------------------
-
-
-def _model_mesh(model):
-    import jax
-    from flax import nnx
-
-    for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)):
-        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
-        if mesh is not None and getattr(mesh, "axis_names", None):
-            return mesh
-    return None
-
-
-def _bucket(n: int, step: int = 16) -> int:
-    return max(step, -(-n // step) * step)
-
-
-@functools.lru_cache(maxsize=1)
-def _jitted_tunix_forward():
-    import jax.numpy as jnp
-    from flax import nnx
-
-    @nnx.jit
-    def forward(model, tokens, positions, mask):
-        logits, _ = model(tokens, positions, None, mask)
-        return jnp.asarray(logits, jnp.float32)
-
-    return forward
-
-
-def tunix_logits(model, seqs: Sequence[Sequence[int]]) -> np.ndarray:
-    """Float32 logits [len(seqs), L, vocab] of a Tunix model (one jitted full forward).
-
-    Sequences are right-padded to a multiple of 16 (causal attention: padding after a
-    position cannot change it) and the batch to a multiple of the model's mesh size, so
-    repeated calls reuse a few compiled shapes. Inputs must be the same on every process when
-    the model spans processes; the output is then gathered to every host.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    n = len(seqs)
-    length = _bucket(max(len(x) for x in seqs))
-    mesh = _model_mesh(model)
-    per = int(mesh.devices.size) if mesh is not None else 1
-    rows = -(-n // per) * per
-    tokens = np.zeros((rows, length), np.int32)
-    for i in range(rows):
-        src = seqs[min(i, n - 1)]
-        tokens[i, : len(src)] = src
-    positions = np.tile(np.arange(length, dtype=np.int32)[None], (rows, 1))
-    mask = np.tile(np.tril(np.ones((length, length), bool))[None], (rows, 1, 1))
-    ctx = mesh if mesh is not None else contextlib.nullcontext()
-    with ctx, jax.transfer_guard("allow"):
-        out = _jitted_tunix_forward()(
-            model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask)
-        )
-        if not out.is_fully_addressable:  # params spanning processes: every host gets all
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n]
-        return np.asarray(jax.device_get(out))[:n]
-
-
-def tunix_token_logprobs(
-    model,
-    prompt_ids: Sequence[int],
-    completion_ids: Sequence[int],
-    temperature: float = 0.0,
-) -> np.ndarray:
-    """Logprobs the Tunix model gives `completion_ids` after `prompt_ids` (full forward).
-
-    temperature 0 or 1: log_softmax(logits); otherwise log_softmax(logits / temperature),
-    as Tunix's compute_per_token_logps.
-    """
-    seq = [int(t) for t in prompt_ids] + [int(t) for t in completion_ids]
-    n_prompt = len(prompt_ids)
-    logits = tunix_logits(model, [seq])[0, n_prompt - 1 : len(seq) - 1].astype(np.float64)
-    if temperature not in (0.0, 1.0):
-        logits = logits / temperature
-    logits = logits - logits.max(axis=-1, keepdims=True)
-    lp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-    idx = np.asarray(completion_ids, np.int64)
-    return lp[np.arange(len(idx)), idx].astype(np.float32)
-
-
-def tunix_greedy(model, prompt_ids: Sequence[int], num_tokens: int) -> list[int]:
-    """Greedy continuation by the Tunix model: `num_tokens` full forward passes, no KV cache."""
-    seq = [int(t) for t in prompt_ids]
-    for _ in range(num_tokens):
-        seq.append(int(np.argmax(tunix_logits(model, [seq])[0, len(seq) - 1])))
-    return seq[len(prompt_ids):]
 
 
 # ---------------------------------------------------------------------------------------
@@ -479,7 +298,6 @@ class InProcessEngine:
         self.settings = settings
         self.weight_version = 0
         self.last_sync: SyncReport | None = None
-        self.last_probe: dict[str, Any] | None = None
         self.start_seconds: float | None = None
         self._move_cache: dict = {}  # compiled transform+placement programs, by source layout
         self.dropped_server_args: list[str] = []
@@ -492,7 +310,6 @@ class InProcessEngine:
         self._runner = None
         self._ctl = None
         self._params: dict[str, _EngineParam] = {}
-        self._backbone = ""
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -693,17 +510,6 @@ class InProcessEngine:
         prompts = [[int(t) for t in p] for p in prompt_token_ids]
         if not prompts:
             return []
-        s = self.settings
-        if max_new_tokens > s.max_new_tokens:
-            raise UserError(
-                f"max_new_tokens {max_new_tokens} > engine's {s.max_new_tokens}; "
-                "rebuild the engine with a larger max_new_tokens"
-            )
-        too_long = [len(p) for p in prompts if len(p) > s.max_prompt_len or not p]
-        if too_long:
-            raise UserError(
-                f"prompt lengths {too_long[:5]} outside 1..{s.max_prompt_len} (engine max)"
-            )
         params: dict[str, Any] = {
             "max_new_tokens": int(max_new_tokens),
             "temperature": float(temperature),
@@ -713,6 +519,26 @@ class InProcessEngine:
         }
         if stop_token_ids:
             params["stop_token_ids"] = [int(t) for t in stop_token_ids]
+        outs, lps, _ = self._run(prompts, params, seed, timeout)
+        return [
+            self._to_sample(o, len(p), lps.get(o["meta_info"]["id"]))
+            for o, p in zip(outs, prompts, strict=True)
+        ]
+
+    def _run(self, prompts: list[list[int]], params: dict[str, Any], seed: int | None,
+             timeout: float | None, logits: bool = False) -> tuple[list, dict, list]:
+        """One engine call: (outputs, {rid: sampled-token logprobs}, logits rows or Nones)."""
+        s = self.settings
+        if params["max_new_tokens"] > s.max_new_tokens:
+            raise UserError(
+                f"max_new_tokens {params['max_new_tokens']} > engine's {s.max_new_tokens}; "
+                "rebuild the engine with a larger max_new_tokens"
+            )
+        too_long = [len(p) for p in prompts if len(p) > s.max_prompt_len or not p]
+        if too_long:
+            raise UserError(
+                f"prompt lengths {too_long[:5]} outside 1..{s.max_prompt_len} (engine max)"
+            )
         with self._lock:
             self._check_alive()
             # Runs on the scheduler thread once it is idle: every call starts from the same
@@ -728,6 +554,8 @@ class InProcessEngine:
             # from `return_logprob`, which recompiles the model for every batch composition.
             rids = [f"tsg-{uuid.uuid4().hex}" for _ in prompts]
             self._ctl.want_logprobs(rids)
+            if logits:
+                self._ctl.want_logits(rids)
             self._ctl.expect = len(prompts)  # scheduled as one batch when it fits
             try:
                 # Engine.async_generate takes no rid: build the request ourselves.
@@ -737,12 +565,8 @@ class InProcessEngine:
             finally:
                 self._ctl.expect = 0
                 lps = {rid: self._ctl.take_logprobs(rid) for rid in rids}
-        if isinstance(outs, dict):
-            outs = [outs]
-        return [
-            self._to_sample(o, len(p), lps.get(o["meta_info"]["id"]))
-            for o, p in zip(outs, prompts, strict=True)
-        ]
+                rows = [self._ctl.take_logits(rid) if logits else None for rid in rids]
+        return ([outs] if isinstance(outs, dict) else outs), lps, rows
 
     async def _with_rids(self, rids, prompts, params):
         from sgl_jax.srt.managers.io_struct import GenerateReqInput
@@ -815,16 +639,13 @@ class InProcessEngine:
         }
         params = {}
         for i, (path, _) in enumerate(flat):
-            names = _path_names(path)
+            names = weight_map.path_names(path)
             if tuple(names) not in param_paths:
                 continue
             leaf = leaves[i]
             name = ".".join(names)
             params[name] = _EngineParam(i, name, tuple(leaf.shape), leaf.dtype, leaf.sharding)
-        backbones = {n.split(".")[0] for n in params if ".layers." in n}
-        if len(backbones) != 1:
-            raise EngineError(f"cannot find the engine's backbone prefix among {backbones}")
-        self._backbone = backbones.pop()
+        weight_map.backbone_of(params)  # raises when the engine's names are not understood
         self._params = params
 
     def engine_param_names(self) -> list[str]:
@@ -834,35 +655,13 @@ class InProcessEngine:
     def mesh(self):
         return getattr(self._runner, "mesh", None)
 
-    def plan_sync(self, src: Any) -> tuple[list[tuple[_EngineParam, str, str]], dict, list]:
-        """Match source params to engine params; raise IncompleteSyncError if not 1:1."""
-        flat, ignored = flatten_tunix_params(src)
-        plan, unmapped, seen = [], [], {}
-        for tname in sorted(flat):
-            m = engine_name_for(tname, self._backbone)
-            if m is None or m[0] not in self._params:
-                unmapped.append(tname if m is None else f"{tname} -> {m[0]}")
-                continue
-            ename, op = m
-            if ename in seen:
-                raise IncompleteSyncError(f"{tname} and {seen[ename]} both map to {ename}")
-            seen[ename] = tname
-            plan.append((self._params[ename], tname, op))
-        missing = sorted(set(self._params) - set(seen))
-        if any(".lora" in n or "lora_" in n for n in flat):
-            raise IncompleteSyncError(
-                "LoRA parameters cannot be synced into this engine (merge them first)"
-            )
-        if missing or unmapped:
-            parts = []
-            if missing:
-                parts.append(f"engine parameters not written: {missing}")
-            if unmapped:
-                parts.append(f"source parameters with no engine counterpart: {unmapped}")
-            raise IncompleteSyncError(
-                "incomplete weight sync, nothing was changed; " + "; ".join(parts)
-            )
-        return plan, flat, ignored
+    def plan_sync(self, src: Any) -> tuple[list[tuple[_EngineParam, weight_map.Mapped]], dict,
+                                           list]:
+        """Match source params to engine params (weight_map.plan); raises
+        IncompleteSyncError unless every engine parameter is written exactly once."""
+        flat, ignored = weight_map.flatten_tunix_params(src)
+        plan = weight_map.plan(flat, {n: p.shape for n, p in self._params.items()})
+        return [(self._params[m.engine_name], m) for m in plan], flat, ignored
 
     def _move(self, plan, flat) -> list:
         """Transform and place every parameter onto the engine's shardings.
@@ -873,64 +672,84 @@ class InProcessEngine:
         """
         import jax
 
-        srcs = [flat[t] for _, t, _ in plan]
+        srcs = [flat[m.tunix_name] for _, m in plan]
         engine_devices = set(self.devices)
         fusable = all(isinstance(x, jax.Array) and x.sharding.device_set <= engine_devices
                       for x in srcs)
         if not fusable:
-            arrays = [_transform(x, op, p.shape, p.dtype) for x, (p, _, op) in zip(
+            arrays = [weight_map.transform(x, m, p.dtype) for x, (p, m) in zip(
                 srcs, plan, strict=True)]
-            return jax.device_put(arrays, [p.sharding for p, _, _ in plan])
-        key = tuple((p.index, op, tuple(x.shape), str(x.dtype), x.sharding)
-                    for x, (p, _, op) in zip(srcs, plan, strict=True))
+            return jax.device_put(arrays, [p.sharding for p, _ in plan])
+        key = tuple((p.index, m, str(x.dtype), x.sharding)
+                    for x, (p, m) in zip(srcs, plan, strict=True))
         fn = self._move_cache.get(key)
         if fn is None:
-            ops = [(op, p.shape, p.dtype) for p, _, op in plan]
+            maps = [(m, p.dtype) for p, m in plan]
             fn = jax.jit(
-                lambda xs: [_transform(x, op, sh, dt) for x, (op, sh, dt) in zip(
-                    xs, ops, strict=True)],
-                out_shardings=[p.sharding for p, _, _ in plan],
+                lambda xs: [weight_map.transform(x, m, dt) for x, (m, dt) in zip(
+                    xs, maps, strict=True)],
+                out_shardings=[p.sharding for p, _ in plan],
             )
             self._move_cache[key] = fn
         return fn(srcs)
 
-    def sync_from_tunix(self, src: Any) -> SyncReport:
+    def skipped_by_faults(self, new: dict[str, Any], version: int) -> set[str]:
+        """Engine parameters a sync to `version` leaves unwritten under an injected fault
+        (`new`: {engine name: the array the sync would write})."""
+        if faults.injected("skip_sync", version):
+            return set(new)
+        if faults.injected("partial_sync", version):
+            # The largest tensor this sync changes (in bfloat16 a tiny step changes only some).
+            leaves = self._runner.model_state_leaves
+            changed = [n for n, a in new.items()
+                       if bool((a != leaves[self._params[n].index]).any())] or list(new)
+            return {max(changed, key=lambda n: (math.prod(self._params[n].shape), n))}
+        return set()
+
+    def sync_from_tunix(self, src: Any, version: int | None = None) -> SyncReport:
         """Write a Tunix model's (or nnx.State's) parameters into the engine.
 
         Every engine parameter must be written by exactly one source parameter and every
         source parameter must be used, else IncompleteSyncError (and nothing changes).
-        Transfers are device-to-device (allowed under Tunix's transfer guards).
+        Transfers are device-to-device (allowed under Tunix's transfer guards). `version`:
+        the weight version the engine reports afterwards (the trainer's optimizer steps);
+        None: one more than now.
         """
         import jax
         from flax import nnx
 
         with self._lock:
             self._check_alive()
+            version = self.weight_version + 1 if version is None else int(version)
             t0 = time.perf_counter()
             with jax.transfer_guard("allow"):
                 plan, flat, ignored = self.plan_sync(src)
-                try:
-                    moved = self._move(plan, flat)
-                except IncompleteSyncError as e:
-                    raise IncompleteSyncError(f"weight sync failed: {e}") from None
+                moved = self._move(plan, flat)
                 jax.block_until_ready(moved)
             t1 = time.perf_counter()
             runner = self._runner
+            skip = self.skipped_by_faults(
+                {p.name: a for (p, _), a in zip(plan, moved, strict=True)}, version)
+            stale_forward = faults.injected("stale_forward", version)
 
             def swap(sched):
-                leaves = list(runner.model_state_leaves)
-                for (p, _, _), a in zip(plan, moved, strict=True):
-                    leaves[p.index] = a
+                old = runner.model_state_leaves
+                leaves = list(old)
+                for (p, _), a in zip(plan, moved, strict=True):
+                    if p.name not in skip:
+                        leaves[p.index] = a
                 runner.model_state_leaves = leaves
                 # Keep the nnx model coherent (and drop its references to the old arrays).
                 nnx.update(
                     runner.model, jax.tree_util.tree_unflatten(runner.model_state_def, leaves)
                 )
+                if stale_forward:
+                    _forward_reads(runner, old)
                 self._flush_on_scheduler(sched)
 
             self.on_scheduler(swap)
             t2 = time.perf_counter()
-            self.weight_version += 1
+            self.weight_version = version
             self.last_sync = SyncReport(
                 version=self.weight_version,
                 seconds=t2 - t0,
@@ -948,36 +767,60 @@ class InProcessEngine:
         return {n: leaves[p.index] for n, p in self._params.items()}
 
     # -- proof ----------------------------------------------------------------------------
-    def probe_prompt(self, length: int = 8) -> list[int]:
-        vocab = int(self._scheduler.model_config.vocab_size)
-        return [(131 * i + 17) % vocab for i in range(min(length, self.settings.max_prompt_len))]
+    def fingerprints(self) -> dict[str, tuple[int, tuple[int, ...], str]]:
+        """{engine name: (fingerprint, shape, dtype)} of the buffers the forward reads.
 
-    def probe_logprob_diff(
-        self,
-        trainer_model,
-        prompt_ids: Sequence[int] | None = None,
-        num_tokens: int = 4,
-        temperature: float = 0.0,
-        seed: int = 1234,
-    ) -> float:
-        """Max |engine logprob - Tunix logprob| over a short fixed probe.
-
-        The engine generates `num_tokens` tokens (greedy by default, EOS ignored) with their
-        logprobs; the Tunix model scores the same tokens at the same temperature.
+        Computed on the scheduler thread, between batches, on the engine's devices.
         """
-        prompt = list(prompt_ids) if prompt_ids is not None else self.probe_prompt()
-        n = min(num_tokens, self.settings.max_new_tokens)
-        (sample,) = self.generate(
-            [prompt], max_new_tokens=n, temperature=temperature, seed=seed, ignore_eos=True
-        )
-        ref = tunix_token_logprobs(trainer_model, prompt, sample.tokens, temperature)
-        diff = float(np.max(np.abs(ref - sample.logprobs))) if len(ref) else 0.0
-        self.last_probe = {
-            "prompt": prompt,
-            "tokens": sample.tokens.tolist(),
-            "engine_logprobs": sample.logprobs.tolist(),
-            "trainer_logprobs": ref.tolist(),
-            "max_abs_diff": diff,
-            "weight_version": self.weight_version,
-        }
-        return diff
+        from tunix_sglang.probe import fingerprint
+
+        names = sorted(self._params)
+        runner = self._runner
+
+        def run(_sched):
+            leaves = runner.model_state_leaves
+            return fingerprint.of_arrays([leaves[self._params[n].index] for n in names])
+
+        with self._lock:
+            values = self.on_scheduler(run)
+        return {n: (v, self._params[n].shape, str(np.dtype(self._params[n].dtype)))
+                for n, v in zip(names, values, strict=True)}
+
+    def next_token_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """The raw next-token logits row after each prompt: float32 [len(prompts), vocab].
+
+        One prefill of the batch (one new token each, greedy), the rows captured between the
+        jitted forward and the sampler for these requests only.
+        """
+        params = {"max_new_tokens": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1,
+                  "ignore_eos": True}
+        _, _, rows = self._run([[int(t) for t in p] for p in prompts], params, seed=None,
+                               timeout=None, logits=True)
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            raise EngineError(f"the engine returned no logits for probe prompts {missing}")
+        return np.stack(rows)
+
+    def evidence(self, prefixes: Sequence[Sequence[int]], where: str = "engine"):
+        """This engine's side of the sync proof (probe.EngineReport)."""
+        from tunix_sglang.probe import EngineReport
+
+        return EngineReport(where=where, version=self.weight_version,
+                            params=self.fingerprints(), logits=self.next_token_logits(prefixes))
+
+
+def _forward_reads(runner, leaves) -> None:
+    """Injected fault `stale_forward`: the jitted forward reads `leaves` from now on, while
+    the buffers (`model_state_leaves`) hold the new weights (the bug fix_forward_reads_weights
+    repairs)."""
+    forward = runner.jitted_run_model
+
+    def stale(*args, **kwargs):
+        current = runner.model_state_leaves
+        runner.model_state_leaves = leaves
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            runner.model_state_leaves = current
+
+    runner.jitted_run_model = stale

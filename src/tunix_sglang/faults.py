@@ -15,7 +15,18 @@ from tunix_sglang.errors import UserError
 ENV = "TUNIX_SGLANG_INJECT_FAULT"
 
 # name -> what it does (shown in the error for an unknown name; the README lists them).
-KNOWN: dict[str, str] = {}
+# For the weight-sync faults N is the weight version the sync was to produce (the trainer's
+# optimizer steps: `@3` faults the sync after step 3); the sync proof must stop the run there.
+KNOWN: dict[str, str] = {
+    "skip_sync": "a weight sync writes nothing: the rollout engines keep their old weights",
+    "partial_sync": "a weight sync leaves one engine parameter unwritten (the largest it "
+                    "changes)",
+    "stale_server": "a rollout server acknowledges a push without applying it (with "
+                    "--launch-servers: only the last server launched)",
+    "host_skip": "multi-host host_local: the last process's engine is not written",
+    "stale_forward": "the engine's buffers get the new weights but its forward keeps "
+                     "reading the old ones",
+}
 
 
 def _parse(raw: str) -> dict[str, int | None]:

@@ -12,7 +12,8 @@ from typing import Any, TextIO
 
 REQUIRED_KEYS = (
     "step", "loss", "reward_mean", "reward_std", "completion_len_mean", "rollout_sec",
-    "sync_sec", "train_sec", "step_sec", "weight_version",
+    "sync_sec", "train_sec", "step_sec", "weight_version", "rollout_weight_version",
+    "sync_check", "sync_max_logprob_diff", "proof_sec", "mismatch_kl", "mismatch_max_abs",
 )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from tunix_sglang import cluster as cluster_lib
+from tunix_sglang import faults
 from tunix_sglang.cluster import Topology
 from tunix_sglang.config import TrainConfig
 from tunix_sglang.errors import UserError
@@ -177,6 +178,7 @@ def prepare(cfg: TrainConfig, topo: Topology | None) -> RunInputs:
     from tunix_sglang.warmstart import embedded_model_dir
 
     check_resume(cfg)
+    faults.active()  # a misspelt TUNIX_SGLANG_INJECT_FAULT stops here, not mid-run
     cluster_lib.initialize(topo or Topology())
     check_before_train(cfg)  # TPU generation, TPU lock, Pathways, memory
     cfg.validate_devices(len(jax.devices()))
@@ -208,7 +210,6 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
     ctx = grpo_step.StepContext(
         cluster=cluster, algo=algo, reward_fns=list(rewards.DEFAULT_REWARD_FNS), seed=cfg.seed,
         sync_check_threshold=cfg.sync_check_threshold,
-        vocab_size=inputs.md.hf_config["vocab_size"], weight_version=start,
     )
     out = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ rollout uses, and adds what a single controller needs:
   POST /weights/uploads/{id}/commit    apply the complete set atomically -> new version
   DELETE /weights/uploads/{id}         drop an upload
   POST /weights/load                   apply a Tunix-named .safetensors file or an HF model dir
+  POST /probe                          the sync proof: fingerprints of the live weights and
+                                       next-token logits of the given prompts, with the version
   GET  /version, /health, /info        state (no token needed)
   POST /pause, /resume, /flush         control
   GET  /openapi.json, /docs            the schema
@@ -140,17 +142,10 @@ class ServerState:
 
         s = self.settings
         prompts = req["prompts"]
-        if len(prompts) > self.max_prompts:
-            raise _http(413, f"{len(prompts)} prompts in one request; at most {self.max_prompts}")
+        self._check_prompts(prompts)
         if req["max_new_tokens"] > s.max_new_tokens:
             raise _http(422, f"max_new_tokens {req['max_new_tokens']} > this server's "
                         f"--max-new-tokens {s.max_new_tokens}")
-        for i, p in enumerate(prompts):
-            if not 1 <= len(p) <= s.max_prompt_len:
-                raise _http(422, f"prompt {i} has {len(p)} tokens; allowed 1..{s.max_prompt_len}"
-                            " (--max-prompt-length)")
-            if min(p) < 0 or max(p) >= self.vocab_size:
-                raise _http(422, f"prompt {i} has token ids outside 0..{self.vocab_size - 1}")
         stop = req.get("stop_token_ids") or None
         if stop and (min(stop) < 0 or max(stop) >= self.vocab_size):
             raise _http(422, f"stop_token_ids outside 0..{self.vocab_size - 1}")
@@ -188,6 +183,17 @@ class ServerState:
                 for x in samples
             ],
         }
+
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
+        s = self.settings
+        if len(prompts) > self.max_prompts:
+            raise _http(413, f"{len(prompts)} prompts in one request; at most {self.max_prompts}")
+        for i, p in enumerate(prompts):
+            if not 1 <= len(p) <= s.max_prompt_len:
+                raise _http(422, f"prompt {i} has {len(p)} tokens; allowed 1..{s.max_prompt_len}"
+                            " (--max-prompt-length)")
+            if min(p) < 0 or max(p) >= self.vocab_size:
+                raise _http(422, f"prompt {i} has token ids outside 0..{self.vocab_size - 1}")
 
     # -- weights --------------------------------------------------------------------------
     def _check_version(self, version: int) -> None:
@@ -236,20 +242,43 @@ class ServerState:
         return self.apply(arrays, up.version, up.manifest.total_bytes, "push")
 
     def apply(self, arrays: Any, version: int, nbytes: int, source: str) -> dict[str, Any]:
-        from tunix_sglang.engine import IncompleteSyncError
+        """Apply a weight set atomically; the response carries the engine's own fingerprints
+        of what it now holds (the controller checks them against the trainer's)."""
+        from tunix_sglang import faults, probe
+        from tunix_sglang.weight_map import IncompleteSyncError
 
         t0 = time.perf_counter()
         with self._engine_lock:
             self._check_version(version)
             try:
-                self.engine.sync_from_tunix(arrays)
+                if not faults.injected("stale_server", version):
+                    self.engine.sync_from_tunix(arrays, version)
             except IncompleteSyncError as e:
                 raise _http(422, f"weights rejected, nothing changed: {e}") from None
             self.version = int(version)
+            params = probe.params_json(self.engine.fingerprints())
         self.counters["pushes"] += 1
         self.last_apply = {"weight_version": self.version, "apply_seconds":
                            time.perf_counter() - t0, "bytes": int(nbytes), "source": source}
-        return self.last_apply
+        return {**self.last_apply, "params": params}
+
+    def probe(self, prompts: list[list[int]], expected: int | None) -> dict[str, Any]:
+        """This server's side of the sync proof: its version, fingerprints of the buffers its
+        forward reads, and its next-token logits after each prompt, all under one lock."""
+        from tunix_sglang import probe
+        from tunix_sglang.engine import EngineError
+
+        self._check_prompts(prompts)
+        with self._engine_lock:
+            if expected is not None and expected != self.version:
+                raise _http(409, f"weight version is {self.version}, request expects {expected}")
+            try:
+                params = self.engine.fingerprints()
+                logits = self.engine.next_token_logits(prompts)
+            except EngineError as e:
+                raise _http(500, f"engine error: {e}") from None
+            return {"weight_version": self.version, "params": probe.params_json(params),
+                    "logits": probe.logits_json(logits)}
 
     def load_path(self, path: str, version: int) -> dict[str, Any]:
         p = Path(path)
@@ -375,6 +404,11 @@ class GenerateResponse(BaseModel):
     seconds: float
     samples: list[SampleOut]
 
+class ProbeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[list[int]] = Field(min_length=1, description="token ids, one list each")
+    expected_version: int | None = Field(None, description="409 unless the server has it")
+
 class BeginUpload(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = Field(ge=0)
@@ -421,6 +455,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/generate", dependencies=auth, response_model=GenerateResponse)
     def generate(req: GenerateRequest):
         return state.generate(req.model_dump())
+
+    @app.post("/probe", dependencies=auth)
+    def probe(req: ProbeRequest) -> dict[str, Any]:
+        return state.probe(req.prompts, req.expected_version)
 
     @app.post("/weights/uploads", dependencies=auth)
     def begin(req: BeginUpload) -> dict[str, Any]:
@@ -582,7 +620,7 @@ def _serve(args: argparse.Namespace) -> int:
     engine = InProcessEngine(settings).start()
     try:
         if args.init_weights == "model":
-            engine.sync_from_tunix(_load_hf_dir(md.path, args.dtype))
+            engine.sync_from_tunix(_load_hf_dir(md.path, args.dtype), version=0)
         state = ServerState(engine, vocab_size=int(md.hf_config["vocab_size"]),
                             model_path=str(md.path), token=token,
                             max_upload_bytes=args.max_upload_bytes,

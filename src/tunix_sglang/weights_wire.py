@@ -232,12 +232,12 @@ class Receiver:
 def flat_numpy_params(params: Any) -> dict[str, np.ndarray]:
     """{Tunix param name: host numpy array} of a Tunix model / nnx.State / flat dict.
 
-    Names are those `InProcessEngine.sync_from_tunix` maps (engine.flatten_tunix_params).
+    Names are those `InProcessEngine.sync_from_tunix` maps (weight_map.flatten_tunix_params).
     Runs under an explicit "allow" transfer guard: Tunix syncs under "disallow_explicit".
     """
     import jax
 
-    from tunix_sglang.engine import flatten_tunix_params
+    from tunix_sglang.weight_map import flatten_tunix_params
 
     flat, _ = flatten_tunix_params(params)
     with jax.transfer_guard("allow"):

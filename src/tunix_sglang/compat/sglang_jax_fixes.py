@@ -579,6 +579,8 @@ def fix_sampler_returns_logprobs() -> bool:
         if isinstance(out, tuple):
             ids, token_logprobs = out
             self._tunix_sglang_last_logprobs = token_logprobs  # read by the logprob capture
+            if getattr(self, "_tunix_sglang_keep_logits", False):  # only for a sync proof
+                self._tunix_sglang_last_logits = logits_output.next_token_logits
             if sampling_metadata.return_logprob:
                 logits_output.next_token_logprobs = token_logprobs
             return ids
@@ -701,16 +703,37 @@ def logprob_metadata_is_static(logits_metadata_cls) -> bool:
 
 
 def capture_logprobs_around(run_batch_fn):
-    """`Scheduler.run_batch` that also records the sampled tokens' logprobs per request."""
+    """`Scheduler.run_batch` that also records the sampled tokens' logprobs per request, and
+    the raw next-token logits rows of requests registered for them (the sync proof's
+    forced scoring; nothing is kept for other batches)."""
     import numpy as np
 
     @functools.wraps(run_batch_fn)
     def run_batch(self, batch):
-        result = run_batch_fn(self, batch)
         ctl = control(self)
+        runner = self.tp_worker.model_runner
+        logit_rows = []
+        if ctl.logit_rids:
+            with ctl.lock:
+                logit_rows = [(i, r.rid) for i, r in enumerate(batch.reqs or [])
+                              if r.rid in ctl.logit_rids and r.rid not in ctl.logits]
+        runner._tunix_sglang_keep_logits = bool(logit_rows)
+        result = run_batch_fn(self, batch)
+        if logit_rows:
+            runner._tunix_sglang_keep_logits = False
+            rows = getattr(runner, "_tunix_sglang_last_logits", None)
+            runner._tunix_sglang_last_logits = None
+            if rows is not None:
+                idx = np.array([i for i, _ in logit_rows])
+                if rows.is_fully_addressable:
+                    host = np.asarray(rows[idx]).astype(np.float32)
+                else:  # an engine mesh spanning processes: this process's replica
+                    host = np.asarray(rows.addressable_shards[0].data)[idx].astype(np.float32)
+                with ctl.lock:
+                    for (_, rid), row in zip(logit_rows, host, strict=True):
+                        ctl.logits[rid] = row
         if not ctl.logprob_rids:
             return result
-        runner = self.tp_worker.model_runner
         lps = getattr(runner, "_tunix_sglang_last_logprobs", None)
         reqs = batch.reqs or []
         with ctl.lock:
@@ -835,6 +858,9 @@ class SchedulerControl:
         self.logprob_rids: set[str] = set()
         self.logprobs: dict[str, list[float]] = {}
         self.logprobs_failed: set[str] = set()
+        # full next-token logits rows of registered requests (the sync proof), first batch
+        self.logit_rids: set[str] = set()
+        self.logits: dict[str, Any] = {}
         # generate requests an engine call is about to send: once one is in, the scheduler
         # waits for all of them (fix_engine_call_one_batch), so a call is scheduled the same
         # way every time (seeded calls reproduce; multi-host lockstep stays in step).
@@ -851,6 +877,15 @@ class SchedulerControl:
             self.logprobs_failed.discard(rid)
             lps = self.logprobs.pop(rid, None)
         return None if failed else lps
+
+    def want_logits(self, rids) -> None:
+        with self.lock:
+            self.logit_rids.update(rids)
+
+    def take_logits(self, rid: str) -> Any:
+        with self.lock:
+            self.logit_rids.discard(rid)
+            return self.logits.pop(rid, None)
 
     def wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):

@@ -68,6 +68,9 @@ class CopyBackedRollout(base_rollout.BaseRollout):
     tokenizer: Any
     _model: Any = None
     _last_temperature: float = 1.0
+    # The weight version each sample of the last `generate` was produced with (the engine's
+    # own version: the trainer's optimizer steps at the sync that produced its weights).
+    last_versions: list[int]
 
     def encode_prompts(self, prompts: list[str], max_len: int) -> list[list[int]]:
         """Token ids of each prompt; longer prompts keep their last `max_len` tokens."""
@@ -81,8 +84,11 @@ class CopyBackedRollout(base_rollout.BaseRollout):
         return ids
 
     def rollout_output(self, ids: list[list[int]], tokens: list[np.ndarray],
-                       logprobs: list[np.ndarray], max_len: int) -> base_rollout.RolloutOutput:
-        """Tunix's RolloutOutput: exactly the sampled ids, their text, logprobs, padded prompts."""
+                       logprobs: list[np.ndarray], max_len: int,
+                       versions: list[int]) -> base_rollout.RolloutOutput:
+        """Tunix's RolloutOutput: exactly the sampled ids, their text, logprobs, padded prompts
+        (and `last_versions`: the weight version of each sample)."""
+        self.last_versions = [int(v) for v in versions]
         texts = [self.tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in tokens]
         return base_rollout.RolloutOutput(
             text=texts, logits=None, tokens=tokens, logprobs=logprobs,

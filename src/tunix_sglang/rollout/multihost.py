@@ -74,9 +74,13 @@ from tunix.rl.rollout import base_rollout
 
 from tunix_sglang import cluster as cluster_lib
 from tunix_sglang import engine as engine_lib
+from tunix_sglang import faults, weight_map
 from tunix_sglang.engine import EngineError, EngineSettings, InProcessEngine, SyncReport
 from tunix_sglang.errors import UserError
-from tunix_sglang.rollout.sglang_inprocess import SglangJaxRollout, _seed_to_int
+from tunix_sglang.probe import EngineReport
+from tunix_sglang.probe.scoring import ProbeSequence
+from tunix_sglang.rollout.common import copy_params, seed_to_int
+from tunix_sglang.rollout.sglang_inprocess import SglangJaxRollout
 
 logger = logging.getLogger(__name__)
 
@@ -280,11 +284,6 @@ def pathways_reshard_fn(platforms: str | None = None) -> Callable[..., Any] | No
                              cache_resharding_plans=True)
 
 
-def _flat_params(src: Any) -> dict[str, Any]:
-    flat, _ = engine_lib.flatten_tunix_params(src)
-    return flat
-
-
 def params_for_engine(src: Any, engine_mesh: Any = None, platforms: str | None = None
                       ) -> tuple[dict[str, Any], str]:
     """Trainer params as something a host-local engine can take: ({name: array}, method).
@@ -297,7 +296,7 @@ def params_for_engine(src: Any, engine_mesh: Any = None, platforms: str | None =
     import jax
     from jax.experimental import multihost_utils
 
-    flat = _flat_params(src)
+    flat, _ = weight_map.flatten_tunix_params(src)
     names = sorted(flat)
     reshard = pathways_reshard_fn(platforms)
     with jax.transfer_guard("allow"):  # Tunix disallows explicit transfers around syncs
@@ -321,12 +320,20 @@ class HostLocalEngine(InProcessEngine):
     last_gather_seconds: float = 0.0
     last_transfer_method: str = ""
 
-    def sync_from_tunix(self, src: Any) -> SyncReport:
+    def sync_from_tunix(self, src: Any, version: int | None = None) -> SyncReport:
         t0 = time.perf_counter()
         params, method = params_for_engine(src, self.mesh)
         self.last_gather_seconds = time.perf_counter() - t0
         self.last_transfer_method = method
-        return super().sync_from_tunix(params)
+        return super().sync_from_tunix(params, version)
+
+    def skipped_by_faults(self, new: dict[str, Any], version: int) -> set[str]:
+        import jax
+
+        if faults.injected("host_skip", version) and (
+                jax.process_index() == jax.process_count() - 1):
+            return set(new)  # the last host keeps its old weights; the others write
+        return super().skipped_by_faults(new, version)
 
 
 class GlobalMeshEngine(InProcessEngine):
@@ -370,18 +377,13 @@ class MultihostSglangRollout(SglangJaxRollout):
 
         import jax
 
-        from tunix_sglang.rollout.sglang_inprocess import _copy_params
-
         if mode not in (*MODES, NAIVE_MODE):
             raise UserError(f"multihost mode {mode!r} is unknown; use one of {MODES}")
         self.mode = mode
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.rollout_config = rollout_config
-        self.verify_on_update = False
-        self.verify_threshold = 1e-4
         self.last_sync: SyncReport | None = None
-        self.last_sync_diff: float | None = None
         self.last_stats: dict[str, Any] = {}
         self.timeout_s = float(timeout_s or wait_timeout_s())
         self._calls = 0
@@ -406,7 +408,7 @@ class MultihostSglangRollout(SglangJaxRollout):
             engine_cls = GlobalMeshEngine
         self.settings = settings
         self._stats_path = self._stats_file(stats_dir, train_config)
-        self._model = _copy_params(rollout_actor) if keep_model_copy else None
+        self._model = copy_params(rollout_actor) if keep_model_copy else None
         # Start-up (load, precompile) takes minutes and differs between hosts; with a
         # global mesh the precompile programs are collectives. These waits fail once no
         # process has made progress for `timeout_s`, not after a fixed bound.
@@ -416,8 +418,8 @@ class MultihostSglangRollout(SglangJaxRollout):
             self.engine = engine_cls(settings).start()
         live_barrier("multihost/engine_ready", self.timeout_s)
         # The engine starts with dummy weights: give it the actor's right away.
-        self.last_sync = self._engine_call(lambda: self.engine.sync_from_tunix(rollout_actor),
-                                           "initial weight sync")
+        self.last_sync = self._engine_call(
+            lambda: self.engine.sync_from_tunix(rollout_actor, version=0), "initial weight sync")
         self._check_sizes()
 
     def _stats_file(self, stats_dir, train_config) -> Path | None:
@@ -509,7 +511,7 @@ class MultihostSglangRollout(SglangJaxRollout):
         max_len = int(rollout_config.max_prompt_length)
         width = int(rollout_config.max_tokens_to_generate)
         ids = self.encode_prompts(prompts, max_len)
-        seed = _seed_to_int(rollout_config.seed)
+        seed = seed_to_int(rollout_config.seed)
         bounded_barrier(f"multihost/generate{call}", self.timeout_s)
         t0 = time.perf_counter()
         if self.mode == "lockstep":
@@ -558,6 +560,7 @@ class MultihostSglangRollout(SglangJaxRollout):
             "weight_version": self.weight_version,
         }
         self._write_stats(self.last_stats)
+        self.last_versions = [self.weight_version] * len(tokens)
         return base_rollout.RolloutOutput(
             text=texts,
             logits=None,
@@ -633,55 +636,39 @@ class MultihostSglangRollout(SglangJaxRollout):
             f.write(json.dumps(row) + "\n")
 
     # -- weights ------------------------------------------------------------------------------
-    def update_params(self, params: Any, filter_types: Any = None) -> None:
+    def update_params(self, params: Any, filter_types: Any = None,
+                      version: int | None = None) -> None:
         bounded_barrier(f"multihost/sync{self.weight_version + 1}", self.timeout_s)
         if self.mode == "host_local":
-            super().update_params(params, filter_types)
+            super().update_params(params, filter_types, version)
         else:
             self._engine_call(lambda: super(MultihostSglangRollout, self).update_params(
-                params, filter_types), "weight sync")
+                params, filter_types, version), "weight sync")
         if isinstance(self.engine, HostLocalEngine):
             self.last_stats = {**self.last_stats,
                                "sync_gather_sec": self.engine.last_gather_seconds,
                                "sync_method": self.engine.last_transfer_method}
 
-    def verify_sync(self, trainer_model: Any) -> float:
-        """Max |Δ logprob| between the engines and `trainer_model` on the fixed probe.
+    def sync_evidence(self, seq: ProbeSequence) -> list[EngineReport]:
+        """Every process's engine report, gathered to every process (tunix_sglang.probe).
 
-        Every engine generates the greedy probe; the probes of all processes are gathered
-        and scored by the trainer in one global program (identical inputs everywhere), so
-        every process returns the same value: the max over all hosts' engines.
+        Host-local: each host's own engine. Lockstep: each process's view of the one engine
+        spanning them (its own replicas: a process that did not write shows up by name).
         """
         eng = self.engine
-        prompt = eng.probe_prompt()
-        n = min(4, self.settings.max_new_tokens)
         bounded_barrier(f"multihost/probe{self.weight_version}", self.timeout_s)
-        (sample,) = self._engine_call(lambda: eng.generate(
-            [prompt], max_new_tokens=n, temperature=0.0, seed=1234, ignore_eos=True),
-            "sync probe")
-        tok, lp, lengths = pad_samples([sample.tokens], [sample.logprobs], 1, n)
-        g_tok, g_lp, _ = self._allgather((tok, lp, lengths))
-        seqs = [list(prompt) + [int(t) for t in g_tok[h, 0]] for h in range(len(g_tok))]
-        logits = global_logits(trainer_model, seqs)
-        diffs = []
-        for h in range(len(g_tok)):
-            row = logits[h, len(prompt) - 1: len(prompt) - 1 + n].astype(np.float64)
-            row = row - row.max(axis=-1, keepdims=True)
-            ref = row - np.log(np.exp(row).sum(axis=-1, keepdims=True))
-            ref = ref[np.arange(n), g_tok[h, 0]]
-            diffs.append(float(np.max(np.abs(ref - g_lp[h, 0]))))
-        diff = max(diffs)
-        self.last_sync_diff = diff
-        eng.last_probe = {"prompt": prompt, "host_tokens": g_tok[:, 0].tolist(),
-                          "host_max_abs_diff": diffs, "max_abs_diff": diff,
-                          "weight_version": self.weight_version}
-        self.last_stats = {**self.last_stats, "probe_host_max_abs_diff": diffs}
-        return diff
+        mine = self._engine_call(lambda: eng.evidence(seq.prefixes()), "sync proof")
+        names = sorted(mine.params)
+        fps = np.array([[mine.params[n][0] & 0xFFFFFFFF, mine.params[n][0] >> 32]
+                        for n in names], np.uint32)
+        g_fp, g_logits, g_version = self._allgather(
+            (fps, np.asarray(mine.logits, np.float32), np.array([mine.version], np.int32)))
+        label = "host" if self.mode == "host_local" else "process"
+        return [EngineReport(
+            where=f"{label} {h}", version=int(g_version[h, 0]),
+            params={n: (int(g_fp[h, i, 1]) << 32 | int(g_fp[h, i, 0]), *mine.params[n][1:])
+                    for i, n in enumerate(names)},
+            logits=g_logits[h]) for h in range(len(g_version))]
 
     def close(self) -> None:
         self.engine.shutdown()
-
-
-def global_logits(model: Any, seqs: Sequence[Sequence[int]]) -> np.ndarray:
-    """Logits of a Tunix model whose params may span processes (gathered to every host)."""
-    return engine_lib.tunix_logits(model, seqs)

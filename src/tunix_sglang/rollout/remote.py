@@ -17,7 +17,10 @@ Per step:
   parallel and waits for each to acknowledge the new version (`last_push`: seconds, bytes).
   A server that missed a push (down, restarted) is brought to the current version by the
   next `generate` before it gets any work.
-* `verify_sync(trainer_model)` is the max over servers of max |Δ logprob| on a greedy probe.
+* Every server fingerprints its engine's buffers after each commit and returns them with the
+  version; a catch-up push is checked against the fingerprints the trainer's weights must
+  give (`probe.fingerprint.expected` on the pushed arrays) before the server gets work.
+  `sync_evidence(seq)` is every server's side of the per-step sync proof (`POST /probe`).
 
 Every bounded wait has a timeout: connect 5 s, requests `request_timeout`, a whole rollout
 `rollout_timeout`, launches `ready_timeout`.
@@ -46,14 +49,17 @@ import httpx
 import numpy as np
 from tunix.rl.rollout import base_rollout
 
+from tunix_sglang import faults, probe
 from tunix_sglang.errors import UserError
+from tunix_sglang.probe import fingerprint
+from tunix_sglang.probe.scoring import ProbeSequence
 from tunix_sglang.rollout.common import CopyBackedRollout, copy_params, seed_to_int
+from tunix_sglang.weight_map import IncompleteSyncError
 from tunix_sglang.weights_wire import DEFAULT_CHUNK_BYTES, Payload, flat_numpy_params, pack
 
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "TUNIX_SGLANG_SERVER_TOKEN"
-PROBE_SEED = 1234
 
 
 class AllServersDownError(UserError):
@@ -179,7 +185,12 @@ def launch_servers(
     if token:
         env[TOKEN_ENV] = token  # not on the command line (visible in ps)
     seed = int(kw.pop("seed", 0))
-    procs = [LaunchedServer(server_args(seed=seed + i, **kw), env) for i in range(k)]
+    envs = [env] * k
+    if faults.injected("stale_server"):  # only the last server is stale (it does not say so)
+        others = ",".join(f"{n}@{at}" if at is not None else n
+                          for n, at in faults.active().items() if n != "stale_server")
+        envs = [{**env, faults.ENV: others}] * (k - 1) + [env]
+    procs = [LaunchedServer(server_args(seed=seed + i, **kw), e) for i, e in enumerate(envs)]
     try:
         for p in procs:
             p.wait_ready(ready_timeout)
@@ -214,6 +225,7 @@ class ServerClient:
         self.info: dict[str, Any] = {}
         self.last_error = ""
         self.relaunches = 0
+        self.params: dict[str, Any] = {}  # its fingerprints after the last push (probe)
 
     def __repr__(self) -> str:
         return f"ServerClient({self.url}, up={self.up}, v={self.version})"
@@ -268,6 +280,7 @@ class ServerClient:
             raise ServerFailure(f"{self.url}: acknowledged version {done['weight_version']}, "
                                 f"pushed {version}")
         self.version = version
+        self.params = probe.params_from_json(done.get("params") or {})
         return time.perf_counter() - t0
 
     def close(self) -> None:
@@ -373,7 +386,7 @@ class RemoteRollout(CopyBackedRollout):
         self.last_versions: list[int] = []
         self.last_servers: list[str] = []
         self.last_push: PushReport | None = None
-        self.last_sync_diffs: dict[str, float] = {}
+        self._expected: tuple[int, dict[str, int]] | None = None  # fingerprints of _payload
         self.last_rollout_stats: dict[str, Any] = {}
         self.redispatched_groups = 0
         self._payload: Payload | None = None
@@ -400,7 +413,8 @@ class RemoteRollout(CopyBackedRollout):
             self._connect()
             self._model = copy_params(rollout_actor) if keep_model_copy else None
             if push_on_init and rollout_actor is not None:
-                self.update_params(rollout_actor, None, _copy=False)
+                # At the servers' own version: the trainer's first sync sets the real one.
+                self.update_params(rollout_actor, None, self.version, _copy=False)
         except BaseException:
             self.close()
             raise
@@ -488,6 +502,7 @@ class RemoteRollout(CopyBackedRollout):
                         raise ServerFailure(f"holds version {s.version}, controller has "
                                             f"{self.version} and no weights to push")
                     s.push(self._payload, self.version)
+                    self._check_catch_up(s)
                 s.up = True
                 logger.info("rollout server %s back at version %d", s.url, self.version)
             except ServerFailure as e:
@@ -524,10 +539,10 @@ class RemoteRollout(CopyBackedRollout):
         }
         samples, versions, where = self.generate_ids(ids, params,
                                                      seed_to_int(rollout_config.seed))
-        self.last_versions, self.last_servers = versions, where
+        self.last_servers = where
         return self.rollout_output(
             ids, [np.asarray(s["tokens"], np.int32) for s in samples],
-            [np.asarray(s["logprobs"], np.float32) for s in samples], max_len)
+            [np.asarray(s["logprobs"], np.float32) for s in samples], max_len, versions)
 
     def generate_ids(
         self, ids: Sequence[Sequence[int]], params: dict[str, Any], seed: int | None
@@ -607,8 +622,10 @@ class RemoteRollout(CopyBackedRollout):
         }
         return samples, versions, where
 
-    def update_params(self, params: Any, filter_types: Any = None, *, _copy: bool = True):
-        """Push the weights to every server in parallel; wait for each to hold the version."""
+    def update_params(self, params: Any, filter_types: Any = None, version: int | None = None,
+                      *, _copy: bool = True):
+        """Push the weights to every server in parallel; wait for each to hold `version`
+        (None: the next one; Tunix's `sync_weights` passes none: one per optimizer step)."""
 
         types = tuple(filter_types) if isinstance(filter_types, (tuple, list)) else (
             (filter_types,) if filter_types is not None else ()
@@ -621,7 +638,7 @@ class RemoteRollout(CopyBackedRollout):
         t0 = time.perf_counter()
         payload = pack(flat_numpy_params(params), self.chunk_bytes)
         t_pack = time.perf_counter() - t0
-        version = self.version + 1
+        version = self.version + 1 if version is None else int(version)
         targets = [s for s in self.servers if s.up]
         if not targets:
             self._refresh_for_push()
@@ -641,6 +658,7 @@ class RemoteRollout(CopyBackedRollout):
             raise AllServersDownError(self._down_message())
         self.version = version
         self._payload = payload  # for catching up servers that missed this push
+        self._expected = None
         self.last_push = PushReport(
             version=version, seconds=time.perf_counter() - t0, bytes=payload.total_bytes,
             pack_seconds=t_pack, servers=sorted(per), failed=failed, per_server_seconds=per,
@@ -656,36 +674,40 @@ class RemoteRollout(CopyBackedRollout):
             except ServerFailure as e:
                 s.last_error = str(e)
 
-    def probe_prompt(self, length: int = 8) -> list[int]:
-        n = min(length, int(self.rollout_config.max_prompt_length))
-        return [(131 * i + 17) % self.vocab_size for i in range(n)]
+    def _check_catch_up(self, s: ServerClient) -> None:
+        """A server brought up to date outside a step holds the pushed weights, or the run
+        stops (it would otherwise get work before the next step's proof)."""
+        if self._expected is None or self._expected[0] != self.version:
+            layout = {n: (shape, dtype) for n, (_, shape, dtype) in s.params.items()}
+            try:
+                self._expected = (self.version,
+                                  fingerprint.expected(self._payload.arrays(), layout))
+            except IncompleteSyncError as e:
+                raise probe.NotArrivedError(f"weight sync v{self.version}: rollout server "
+                                            f"{s.url} has other parameters: {e}") from None
+        probe.check_arrival(self.version, self._expected[1], probe.EngineReport(
+            f"server {s.url}", int(s.version), s.params, np.zeros((0, 0), np.float32)))
 
-    def verify_sync(self, trainer_model: Any, num_tokens: int = 4) -> float:
-        """Max over servers of max |Δ logprob| (server greedy probe vs `trainer_model`)."""
-        from tunix_sglang.engine import tunix_token_logprobs
-
-        prompt = self.probe_prompt()
-        n = min(num_tokens, int(self.rollout_config.max_tokens_to_generate))
-        req = {"prompts": [prompt], "max_new_tokens": n, "temperature": 0.0, "seed": PROBE_SEED,
-               "ignore_eos": True, "expected_version": self.version}
+    def sync_evidence(self, seq: ProbeSequence) -> list[probe.EngineReport]:
+        """Every live server's side of the sync proof (its fingerprints and probe logits)."""
+        req = {"prompts": seq.prefixes(), "expected_version": self.version}
         self._refresh()
-        live = self.live_servers()
-        futs = {self._pool.submit(s.call, "POST", "/generate", req): s for s in live}
-        diffs = {}
+        futs = {self._pool.submit(s.call, "POST", "/probe", req): s
+                for s in self.live_servers()}
+        reports = []
         for f in concurrent.futures.as_completed(futs, timeout=self.request_timeout + 30):
             s = futs[f]
             try:
-                sample = f.result()["samples"][0]
+                out = f.result()
             except ServerFailure as e:
                 self._mark_down(s, str(e))
                 continue
-            ref = tunix_token_logprobs(trainer_model, prompt, sample["tokens"], 0.0)
-            lp = np.asarray(sample["logprobs"], np.float32)
-            diffs[s.url] = float(np.max(np.abs(ref - lp))) if len(ref) else 0.0
-        if not diffs:
+            reports.append(probe.EngineReport(
+                f"server {s.url}", int(out["weight_version"]),
+                probe.params_from_json(out["params"]), probe.logits_from_json(out["logits"])))
+        if not reports:
             raise AllServersDownError(self._down_message())
-        self.last_sync_diffs = diffs
-        return max(diffs.values())
+        return sorted(reports, key=lambda r: r.where)
 
     def close(self) -> None:
         """Stop launched servers (by PID; SIGKILL after 5 s) and close connections."""

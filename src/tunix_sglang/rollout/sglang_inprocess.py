@@ -28,6 +28,8 @@ from tunix.rl.rollout import base_rollout
 
 from tunix_sglang.engine import EngineSettings, InProcessEngine, SyncReport
 from tunix_sglang.errors import UserError
+from tunix_sglang.probe import EngineReport
+from tunix_sglang.probe.scoring import ProbeSequence
 from tunix_sglang.rollout.common import (
     CopyBackedRollout,
     copy_params,
@@ -36,12 +38,6 @@ from tunix_sglang.rollout.common import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-# Names kept for modules that import them from here.
-_seed_to_int = seed_to_int
-_hf_tokenizer = hf_tokenizer
-_copy_params = copy_params
 
 
 def _param_dtype_name(model) -> str:
@@ -66,26 +62,22 @@ class SglangJaxRollout(CopyBackedRollout):
         model_dir: Any = None,
         train_config: Any = None,
         keep_model_copy: bool = True,
-        verify_on_update: bool = False,
-        verify_threshold: float = 1e-4,
         **extra: Any,
     ):
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.rollout_config = rollout_config
-        self.verify_on_update = verify_on_update
-        self.verify_threshold = verify_threshold
         self.last_sync: SyncReport | None = None
-        self.last_sync_diff: float | None = None
         self._last_temperature = float(getattr(rollout_config, "temperature", 1.0) or 0.0)
         settings = engine_settings or self._derive_settings(
             rollout_actor, mesh, rollout_config, model_dir, train_config, extra
         )
         self.settings = settings
-        self._model = _copy_params(rollout_actor) if keep_model_copy else None
+        self._model = copy_params(rollout_actor) if keep_model_copy else None
         self.engine = InProcessEngine(settings).start()
-        # The engine starts with dummy weights: give it the actor's right away.
-        self.last_sync = self.engine.sync_from_tunix(rollout_actor)
+        # The engine starts with dummy weights: give it the actor's right away (version 0
+        # until the trainer's first sync says which version they are).
+        self.last_sync = self.engine.sync_from_tunix(rollout_actor, version=0)
         self._check_sizes()
 
     # -- construction ---------------------------------------------------------------------
@@ -127,7 +119,7 @@ class SglangJaxRollout(CopyBackedRollout):
 
     def _check_sizes(self) -> None:
         vocab = int(self.engine._scheduler.model_config.vocab_size)  # noqa: SLF001
-        n_tok = len(_hf_tokenizer(self.tokenizer))
+        n_tok = len(hf_tokenizer(self.tokenizer))
         if n_tok > vocab:
             raise UserError(f"tokenizer has {n_tok} ids but the model's vocab_size is {vocab}")
 
@@ -152,14 +144,17 @@ class SglangJaxRollout(CopyBackedRollout):
             temperature=temperature,
             top_p=1.0 if rollout_config.top_p is None else float(rollout_config.top_p),
             top_k=rollout_config.top_k,
-            seed=_seed_to_int(rollout_config.seed),
+            seed=seed_to_int(rollout_config.seed),
             stop_token_ids=rollout_config.eos_tokens,
         )
         return self.rollout_output(ids, [s.tokens for s in samples],
-                                   [s.logprobs for s in samples], max_len)
+                                   [s.logprobs for s in samples], max_len,
+                                   [self.engine.weight_version] * len(samples))
 
-    def update_params(self, params: Any, filter_types: Any = None) -> None:
-        """In-memory sync: engine weights, caches flushed, version bumped (+ copy, proof)."""
+    def update_params(self, params: Any, filter_types: Any = None,
+                      version: int | None = None) -> None:
+        """In-memory sync: engine weights at `version` (None: the next), caches flushed, and
+        the private copy. Tunix's `sync_weights` passes no version: one per optimizer step."""
         types = tuple(filter_types) if isinstance(filter_types, (tuple, list)) else (
             (filter_types,) if filter_types is not None else ()
         )
@@ -168,23 +163,14 @@ class SglangJaxRollout(CopyBackedRollout):
                 "LoRA weight sync into sglang-jax is not supported: merge LoRA into the base "
                 "weights or use full fine-tuning"
             )
-        self.last_sync = self.engine.sync_from_tunix(params)
+        self.last_sync = self.engine.sync_from_tunix(params, version)
         t0 = time.perf_counter()
         self.update_copy(params)
         logger.debug("rollout model copy updated in %.3fs", time.perf_counter() - t0)
-        if self.verify_on_update and self._model is not None:
-            diff = self.verify_sync(self._model)
-            if not diff <= self.verify_threshold:
-                raise RuntimeError(
-                    f"weight sync v{self.weight_version} not proven: max |Δ logprob| {diff:.3g}"
-                    f" > {self.verify_threshold:g}"
-                )
 
-    def verify_sync(self, trainer_model: Any) -> float:
-        """Max |Δ logprob| between the engine and `trainer_model` on the fixed probe."""
-        diff = self.engine.probe_logprob_diff(trainer_model)
-        self.last_sync_diff = diff
-        return diff
+    def sync_evidence(self, seq: ProbeSequence) -> list[EngineReport]:
+        """The engine's side of the sync proof (tunix_sglang.probe.prove)."""
+        return [self.engine.evidence(seq.prefixes())]
 
     def close(self) -> None:
         self.engine.shutdown()
