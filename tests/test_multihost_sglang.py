@@ -29,6 +29,7 @@ from conftest import REPO
 from tunix_sglang.errors import UserError
 from tunix_sglang.launch import free_port, process_env
 from tunix_sglang.rollout import multihost
+from tunix_sglang.tiny_model import ensure_tiny_model
 
 EOS_SCALE = 10.0  # lm_head EOS row x10: ~20% of positions end a completion
 
@@ -118,6 +119,38 @@ def run_cluster(tmp_path: Path, env: dict, cfg: dict, mode: str, n: int = 2, k: 
                 os.kill(p.pid, signal.SIGKILL)
             p.wait()
     return [p.returncode for p in procs], [x.read_text() for x in logs], time.monotonic() - t0
+
+
+FAULT_DRIVER = textwrap.dedent("""
+    import json, os, sys
+    import jax
+    from tunix_sglang import faults, grpo_step, probe, rewards, runner
+    from tunix_sglang.cluster import Topology
+    from tunix_sglang.config import TrainConfig
+
+    cfg = TrainConfig(**json.loads(sys.argv[1]))
+    cfg.validate()
+    inputs = runner.prepare(cfg, Topology.from_env())
+    cluster, algo = runner.build_cluster(cfg, inputs.md, inputs.tokenizer)
+    ctx = grpo_step.StepContext(cluster, algo, list(rewards.DEFAULT_REWARD_FNS), cfg.seed, None)
+    grpo_step.initial_sync(ctx)
+    results = []
+    for step, fault in enumerate(json.loads(sys.argv[2]), start=1):
+        os.environ[faults.ENV] = fault  # the sync at the end of this real step
+        try:
+            row = grpo_step.run_step(ctx, inputs.batches.batch(step), step).row()
+            results.append([fault, "proven", row["sync_max_logprob_diff"]])
+        except probe.SyncCheckError as e:
+            results.append([fault, type(e).__name__, str(e)])
+        finally:
+            del os.environ[faults.ENV]
+        grpo_step.initial_sync(ctx)  # a clean sync, proven, before the next step
+    cluster.close()
+    cluster.rollout.close()
+    with open(os.path.join(cfg.output_dir, f"faults.process{jax.process_index()}.json"),
+              "w") as f:
+        json.dump(results, f)
+""")
 
 
 def train_cfg(out: Path, model: Path, steps: int) -> dict:
@@ -249,7 +282,9 @@ def _assert_same_run(out: Path, steps: int) -> tuple[list[dict], list[dict]]:
     assert [r["step"] for r in m0] == list(range(1, steps + 1))
     assert [r["loss"] for r in m0] == [r["loss"] for r in m1]
     for r in m0 + m1:
-        assert r["sync_max_logprob_diff"] <= 1e-4, r
+        assert r["sync_check"] == "proven" and r["sync_max_logprob_diff"] <= 1e-4, r
+        assert (r["weight_version"], r["rollout_weight_version"]) == (r["step"], r["step"] - 1)
+        assert r["mismatch_max_abs"] <= 1e-3, r
     return m0, m1
 
 
@@ -316,3 +351,51 @@ def test_naive_global_engine_is_detected_not_hung(tmp_path, cli_env, eos_model):
                          r"process\(es\) \[1\] had different requests, request counts "
                          r"than process 0 before the call", log), log[-4000:]
     assert "collective mismatch" not in both
+
+
+@pytest.mark.parametrize("model", ["tied", "untied"])
+@pytest.mark.parametrize("mode,faulted", [
+    ("host_local", ["skip_sync", "partial_sync", "host_skip"]),
+    ("lockstep", ["skip_sync", "partial_sync"]),
+])
+def test_every_fault_caught_on_every_host_at_lr_1e7(tmp_path, cli_env, eos_model, mode, faulted,
+                                                    model):
+    """Real GRPO steps at learning rate 1e-7 over 2 processes: a clean step is proven, and
+    each step whose sync is faulted stops at its proof, on every process, naming the engine
+    (host or process) that did not get the weights."""
+    out = tmp_path / "run"
+    out.mkdir()
+    driver = tmp_path / "faults.py"
+    driver.write_text(FAULT_DRIVER)
+    path = ensure_tiny_model() if model == "tied" else eos_model
+    cfg = dict(train_cfg(out, path, 1 + len(faulted)), learning_rate=1e-7, multihost_mode=mode)
+    plan = ["", *faulted]
+    port = free_port()
+    procs = []
+    for i in range(2):
+        penv = process_env({**cli_env, multihost.ENV_MODE: mode}, i, 2, 2, port)
+        with open(tmp_path / f"out{i}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, str(driver), json.dumps(cfg),
+                                           json.dumps(plan)], env=penv, stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=REPO))
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+    logs = "".join((tmp_path / f"out{i}.log").read_text()[-3000:] for i in range(2))
+    assert codes == [0, 0], logs
+    label = "host" if mode == "host_local" else "process"
+    for i in range(2):
+        got = json.loads((out / f"faults.process{i}.json").read_text())
+        assert [f for f, *_ in got] == plan
+        for fault, verdict, detail in got:
+            if not fault:
+                assert verdict == "proven" and detail <= 1e-4, detail
+                continue
+            assert verdict == "NotArrivedError", (fault, verdict, detail)
+            # host_skip: only the last host kept its old weights; otherwise every engine did
+            # and the first one is named.
+            where = f"{label} 1" if fault == "host_skip" else f"{label} 0"
+            assert f"did not arrive at the rollout {where}: engine parameter " in detail, detail

@@ -16,22 +16,23 @@ import time
 
 import numpy as np
 import pytest
-from conftest import one_device_mesh, perturbed
+from conftest import one_adamw_step, one_device_mesh, perturbed
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tunix_sglang.engine import tunix_token_logprobs  # noqa: E402
+from tunix_sglang import faults, probe  # noqa: E402
 from tunix_sglang.models import inspect_model_dir, load_model, load_tokenizer  # noqa: E402
+from tunix_sglang.probe.scoring import tunix_token_logprobs  # noqa: E402
 from tunix_sglang.rollout.remote import (  # noqa: E402
     AllServersDownError,
     RemoteRollout,
     balance,
     group_prompts,
 )
-from tunix_sglang.tiny_model import ensure_tiny_model  # noqa: E402
+from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model  # noqa: E402
 
 PROMPTS = ["Tom has 3 apples", "How many books", "Anna gives away 5 cookies", "What is 12 + 30"]
 G = 2
@@ -120,12 +121,14 @@ def test_no_reachable_server_is_a_clean_error(actor, tok):
 def test_launched_and_synced(rollout, actor):
     from tunix.rl import utils as rl_utils
 
-    assert len(rollout.servers) == 2 and rollout.weight_version >= 1
+    assert len(rollout.servers) == 2 and rollout.weight_version == 0
     assert all(s.up and s.version == rollout.weight_version for s in rollout.servers)
     assert all(s.url.startswith("http://127.0.0.1:") for s in rollout.servers)
     assert rollout.model() is not actor
     assert not rl_utils.is_sharing_weights(actor, rollout.model())
-    assert rollout.verify_sync(actor) <= 1e-4
+    proof = probe.prove(rollout, actor, 0)
+    assert sorted(proof.by_engine) == sorted(f"server {s.url}" for s in rollout.servers)
+    assert proof.max_logprob_diff <= 1e-4
 
 
 def test_generate_groups_order_and_versions(rollout, tok, actor):
@@ -146,8 +149,9 @@ def test_sampling_differs_per_sample(rollout, tok):
 
 def test_push_parity(rollout, tok, actor):
     other = perturbed(actor, scale=0.3)
-    assert rollout.verify_sync(other) > 1e-3  # before the push: the servers are not `other`
     v = rollout.weight_version
+    with pytest.raises(probe.NotArrivedError, match="did not arrive at the rollout server"):
+        probe.prove(rollout, other, v)  # before the push: the servers are not `other`
     params = nnx.state(other, nnx.Param)
     with jax.transfer_guard_device_to_host("disallow_explicit"), \
             jax.transfer_guard_host_to_device("disallow_explicit"):  # as Tunix's sync_weights
@@ -156,12 +160,12 @@ def test_push_parity(rollout, tok, actor):
     assert rollout.weight_version == push.version == v + 1
     assert sorted(push.servers) == sorted(s.url for s in rollout.servers) and not push.failed
     assert push.bytes > 0 and push.seconds > 0
-    assert rollout.verify_sync(other) <= 1e-4
-    assert rollout.verify_sync(rollout.model()) <= 1e-4  # the private copy follows
+    assert probe.prove(rollout, other, v + 1).max_logprob_diff <= 1e-4
+    probe.prove(rollout, rollout.model(), v + 1)  # the private copy follows
     prompts = repeated()
     check_output(rollout.generate(prompts, rollout_config(tok)), rollout, tok, other, prompts)
     rollout.update_params(nnx.state(actor, nnx.Param), (nnx.Param,))
-    assert rollout.verify_sync(actor) <= 1e-4
+    probe.prove(rollout, actor, v + 2)
 
 
 def test_sigkill_during_rollout_loses_and_duplicates_nothing(rollout, tok, actor):
@@ -206,7 +210,7 @@ def test_restart_catches_up_before_work(rollout, tok, actor):
     assert victim.call("GET", "/version")["weight_version"] == rollout.weight_version
     assert victim.url in rollout.last_servers
     check_output(out, rollout, tok, actor, prompts)
-    assert rollout.verify_sync(actor) <= 1e-4
+    probe.prove(rollout, actor, rollout.weight_version)
 
 
 def test_all_servers_down_is_clean_and_bounded(rollout, tok):
@@ -226,11 +230,65 @@ def test_train_five_steps_with_two_launched_servers(run_cli, tmp_path):
     out = tmp_path / "run"
     p = run_cli("train", "--rollout-engine", "sglang_jax_remote", "--launch-servers", "2",
                 "--steps", "5", "--batch-size", "2", "--num-generations", "2",
-                "--max-new-tokens", "16", "--sync-check-threshold", "1e-4", "--eval-limit", "0",
-                "--output-dir", str(out), timeout=900)
+                "--max-new-tokens", "16", "--eval-limit", "0", "--output-dir", str(out),
+                timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.findall(r"^Train step (\d+) training loss", p.stdout, re.M) == list("12345")
     assert p.stdout.strip().splitlines()[-1].startswith("DONE: steps=5 ")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-    assert all(r["sync_max_logprob_diff"] <= 1e-4 for r in rows), rows
+    for r in rows:  # every server proven after every push; versions are the trainer's
+        assert r["sync_check"] == "proven" and r["sync_max_logprob_diff"] <= 1e-4, r
+        assert (r["weight_version"], r["rollout_weight_version"]) == (r["step"], r["step"] - 1)
+        assert 0 <= r["mismatch_kl"] <= 1e-6 and r["mismatch_max_abs"] <= 1e-3, r
+
+
+# -- the sync proof over servers: every fault caught, whatever the learning rate -----------
+
+FAULTS = "skip_sync@3,partial_sync@5,stale_server@7"
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def faulty(request, tok, tmp_path_factory):
+    """Two launched servers whose engines skip the sync to version 3, leave one tensor
+    unwritten at version 5, and (the last one only) acknowledge version 7 without applying
+    it; the controller is told nothing."""
+    spec = TinyModelSpec(tie_word_embeddings=request.param == "tied")
+    md = inspect_model_dir(ensure_tiny_model(spec, cache_dir=tmp_path_factory.mktemp("m")))
+    actor = load_model(md, one_device_mesh())
+    old = os.environ.get(faults.ENV)
+    os.environ[faults.ENV] = FAULTS  # inherited by the servers, decided there
+    try:
+        r = RemoteRollout(actor, tok, one_device_mesh(), rollout_config(tok), model_dir=md,
+                          train_config=TrainCfg(), launch_servers=2, request_timeout=60)
+    finally:
+        if old is None:
+            del os.environ[faults.ENV]
+        else:
+            os.environ[faults.ENV] = old
+    yield r, actor
+    r.close()
+
+
+def test_every_server_fault_caught_after_a_step_at_lr_1e7(faulty):
+    rollout, actor = faulty
+    model = actor
+    rollout.update_params(nnx.state(model, nnx.Param), (nnx.Param,), version=1)
+    probe.prove(rollout, model, 1)
+    urls = sorted(s.url for s in rollout.servers)
+    for version, fault in ((3, "skip_sync"), (5, "partial_sync"), (7, "stale_server")):
+        model = one_adamw_step(model, 1e-7, seed=version)
+        rollout.update_params(nnx.state(model, nnx.Param), (nnx.Param,), version=version)
+        assert all(s.version == version for s in rollout.servers)  # every server says so
+        with pytest.raises(probe.NotArrivedError) as e:
+            probe.prove(rollout, model, version)
+        msg = str(e.value)
+        # The stale server is the last one launched; the others fail first, in URL order.
+        where = rollout.servers[-1].url if fault == "stale_server" else urls[0]
+        assert msg.startswith(f"weight sync v{version} did not arrive at the rollout server "
+                              f"{where}: engine parameter "), (fault, msg)
+        if fault == "partial_sync":
+            assert " 1 of " in msg
+        # The next (clean) push is proven on every server again.
+        rollout.update_params(nnx.state(model, nnx.Param), (nnx.Param,), version=version + 1)
+        assert len(probe.prove(rollout, model, version + 1).by_engine) == 2

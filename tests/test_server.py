@@ -141,7 +141,7 @@ def test_openapi_schema_served(anon):
     assert r.status_code == 200
     paths = r.json()["paths"]
     for p in ("/generate", "/weights/uploads", "/weights/uploads/{upload_id}/commit",
-              "/weights/load", "/version", "/health", "/pause", "/resume", "/flush"):
+              "/weights/load", "/version", "/health", "/pause", "/resume", "/flush", "/probe"):
         assert p in paths, p
 
 
@@ -157,6 +157,7 @@ def test_push_and_control_need_the_token(anon, trainer):
         ("POST", "/weights/load", {"path": "/nonexistent.safetensors", "version": 99}),
         ("POST", "/pause", None), ("POST", "/resume", None), ("POST", "/flush", None),
         ("POST", "/generate", gen_body()),
+        ("POST", "/probe", {"prompts": [[1, 2]]}),
     ]:
         r = anon.request(method, path, json=body)
         assert r.status_code == 401, (path, r.text)
@@ -166,7 +167,7 @@ def test_push_and_control_need_the_token(anon, trainer):
 
 def test_push_parity_and_versions(client, trainer):
     """After a push the server computes exactly the pushed model; before it, it does not."""
-    from tunix_sglang.engine import tunix_token_logprobs
+    from tunix_sglang.probe.scoring import tunix_token_logprobs
     from tunix_sglang.weights_wire import flat_numpy_params
 
     prompts = [[11, 23, 42, 7], [5, 64, 31]]
@@ -194,6 +195,33 @@ def test_push_parity_and_versions(client, trainer):
         client.push(pack(flat_numpy_params(trainer)), v0)
     with pytest.raises(ServerFailure, match="409"):
         client.call("POST", "/generate", gen_body(expected_version=v0))
+
+
+def test_probe_route_is_the_servers_side_of_the_sync_proof(client, trainer):
+    """The commit response and POST /probe carry the server's own fingerprints of what its
+    engine holds (equal to the trainer's, computed without an engine) and its logits."""
+    from tunix_sglang import probe
+    from tunix_sglang.probe import fingerprint, scoring
+    from tunix_sglang.weights_wire import flat_numpy_params
+
+    flat = flat_numpy_params(trainer)
+    v = client.call("GET", "/version")["weight_version"] + 1
+    client.push(pack(flat, chunk_bytes=64 << 10), v)
+    layout = {n: (s, d) for n, (_, s, d) in client.params.items()}
+    want = fingerprint.expected(flat, layout)
+    assert want == {n: fp for n, (fp, _, _) in client.params.items()}
+    seq = scoring.probe_sequence(1024, MAX_PROMPT)
+    out = client.call("POST", "/probe", {"prompts": seq.prefixes(), "expected_version": v})
+    assert out["weight_version"] == v
+    assert probe.params_from_json(out["params"]) == client.params
+    logits = probe.logits_from_json(out["logits"])
+    assert logits.shape == (len(seq.lengths), 1024)
+    assert scoring.compare(scoring.trainer_rows(trainer, seq), logits)[0] <= 1e-4
+    for body, code in (({"prompts": seq.prefixes(), "expected_version": v - 1}, "409"),
+                       ({"prompts": [[1] * (MAX_PROMPT + 1)]}, "422"),
+                       ({"prompts": [[1, 10**6]]}, "422"), ({"prompts": []}, "422")):
+        with pytest.raises(ServerFailure, match=code):
+            client.call("POST", "/probe", body)
 
 
 def test_load_from_shared_path(client, trainer, tmp_path):

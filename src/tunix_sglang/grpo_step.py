@@ -160,7 +160,7 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
     mismatch, logps_sec = (None, None), 0.0
     if out.logprobs is not None and not _rollout_shares_actor(cluster):
         t1 = time.perf_counter()
-        trainer = np.asarray(_to_host(trainer_logps_of_rollout(
+        trainer = np.asarray(_process_local(trainer_logps_of_rollout(
             ctx, prompt_ids, jnp.asarray(completion_ids))))
         engine = np.zeros_like(trainer)
         for i, lp in enumerate(out.logprobs):
@@ -196,13 +196,17 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
     return example, stats
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """A (possibly process-spanning) array's full value on this host."""
+def _process_local(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch Tunix made global from every process's local rows
+    (`shard_input`: `make_array_from_process_local_data`), i.e. the inverse."""
     if x.is_fully_addressable:
         return np.asarray(x)
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    with jax.transfer_guard("allow"):
+        local = multihost_utils.global_array_to_host_local_array(x, x.sharding.mesh,
+                                                                 x.sharding.spec)
+        return np.asarray(local)
 
 
 def update(ctx: StepContext, example) -> float:

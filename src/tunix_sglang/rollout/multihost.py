@@ -387,6 +387,7 @@ class MultihostSglangRollout(SglangJaxRollout):
         self.last_stats: dict[str, Any] = {}
         self.timeout_s = float(timeout_s or wait_timeout_s())
         self._calls = 0
+        self._syncs = 0  # barrier names: versions may repeat (a re-sync at the same version)
         self._last_temperature = float(getattr(rollout_config, "temperature", 1.0) or 0.0)
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         settings = engine_settings or self._derive_settings(
@@ -638,7 +639,8 @@ class MultihostSglangRollout(SglangJaxRollout):
     # -- weights ------------------------------------------------------------------------------
     def update_params(self, params: Any, filter_types: Any = None,
                       version: int | None = None) -> None:
-        bounded_barrier(f"multihost/sync{self.weight_version + 1}", self.timeout_s)
+        self._syncs += 1
+        bounded_barrier(f"multihost/sync{self._syncs}", self.timeout_s)
         if self.mode == "host_local":
             super().update_params(params, filter_types, version)
         else:
@@ -656,7 +658,8 @@ class MultihostSglangRollout(SglangJaxRollout):
         spanning them (its own replicas: a process that did not write shows up by name).
         """
         eng = self.engine
-        bounded_barrier(f"multihost/probe{self.weight_version}", self.timeout_s)
+        self._syncs += 1
+        bounded_barrier(f"multihost/probe{self._syncs}", self.timeout_s)
         mine = self._engine_call(lambda: eng.evidence(seq.prefixes()), "sync proof")
         names = sorted(mine.params)
         fps = np.array([[mine.params[n][0] & 0xFFFFFFFF, mine.params[n][0] >> 32]
