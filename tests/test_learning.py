@@ -126,6 +126,6 @@ def test_default_run_learns(run_cli, cli_env, tmp_path):
 
     # The run's report has every plot; TensorBoard events sit beside metrics.jsonl.
     html = (out / "report.html").read_text()
-    assert html.count('<img class="plot"') == 7 and "TensorBoard event files" in html
+    assert html.count('<img class="plot"') == 8 and "TensorBoard event files" in html
     events = list((out / "tensorboard").rglob("events.out.tfevents*"))
     assert events and any(e.stat().st_size > 0 for e in events)

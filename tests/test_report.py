@@ -29,7 +29,8 @@ def fake_run(out: Path, steps: int = 12) -> Path:
                 "step": s, "loss": 0.01 * (-1) ** s, "reward_mean": 0.3 * s,
                 "reward_std": 1.0, "completion_len_mean": 30 - s, "rollout_sec": 0.5,
                 "sync_sec": 0.05, "train_sec": 0.6, "step_sec": 1.2, "weight_version": s,
-                "sync_max_logprob_diff": 0.0 if s % 2 else 1e-7,
+                "sync_max_logprob_diff": 0.0 if s % 2 else 1e-7, "sync_check": "proven",
+                "mismatch_kl": 1e-12 * s, "mismatch_max_abs": 1e-6 * s,
                 "reward/check_answer": 0.1 * s, "reward/match_format_exactly": 0.2 * s,
             }) + "\n")
         f.write('{"step": 13, "loss"')  # a row cut by a kill must not break the report
@@ -58,14 +59,16 @@ def test_report_has_every_plot_as_png(tmp_path):
     plots = decoded_plots(text)
     titles = [t for t, _ in plots]
     assert titles == ["Reward", "Reward by function", "Eval accuracy", "Loss",
-                      "Completion length", "Time per step", "Weight sync"]
+                      "Completion length", "Time per step", "Weight sync",
+                      "Train-inference mismatch"]
     for title, img in plots:
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 150, title
         assert distinct_colours(img) > 20, f"plot {title!r} looks blank"
     # Offline by construction: nothing is fetched from anywhere.
     assert "http://" not in text and "https://" not in text and "<script" not in text
     for needle in ("learning_rate", "jax", "google-tunix", "sglang-jax", "backend",
-                   "strict accuracy, step 0 → 12", "0.1 → 0.4"):
+                   "strict accuracy, step 0 → 12", "0.1 → 0.4", "weight sync proof",
+                   "max mismatch_kl (rollout tokens)"):
         assert needle in text, needle
 
 
@@ -84,7 +87,7 @@ def test_report_without_evals_still_shows_every_plot(tmp_path):
     out = fake_run(tmp_path / "run")
     (out / "eval.jsonl").unlink()
     plots = decoded_plots(report.write_report(out).read_text())
-    assert len(plots) == 7
+    assert len(plots) == 8
     assert all(distinct_colours(img) > 5 for _, img in plots)
 
 

@@ -33,8 +33,10 @@ def test_train_three_steps_vanilla(run_cli, tmp_path):
     assert [x["step"] for x in r] == [1, 2, 3]
     for x in r:
         assert set(REQUIRED_KEYS) <= set(x)
-        assert x["sync_max_logprob_diff"] <= 1e-3
+        # Tunix's own sampler is the trainer's model: nothing to sync, nothing to prove.
+        assert x["sync_check"] == "shared" and x["sync_max_logprob_diff"] is None
     assert [x["weight_version"] for x in r] == [1, 2, 3]
+    assert [x["rollout_weight_version"] for x in r] == [0, 1, 2]
     assert (out / "checkpoints" / "actor").is_dir()
     assert list((out / "tensorboard").rglob("*tfevents*"))
 
@@ -77,6 +79,36 @@ def test_resume_after_sigkill(cli_env, run_cli, tmp_path):
     # Rows of re-run steps were moved aside, not lost.
     if killed_at > last_ckpt:
         assert (out / "metrics.jsonl.rerun").exists()
+
+
+def test_injected_fault_stops_the_run_at_its_proof(run_cli, tmp_path):
+    """In-process engine, learning rate 1e-7: step 1 is proven (its row has the proof's and
+    the mismatch's figures), step 2's sync writes nothing and the run stops at its proof:
+    exit 1, one line naming what did not arrive where, step 1's row intact."""
+    out = tmp_path / "run"
+    p = run_cli("train", "--steps", "4", "--learning-rate", "1e-7", "--eval-limit", "0",
+                "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "16",
+                "--output-dir", str(out), env={"TUNIX_SGLANG_INJECT_FAULT": "skip_sync@2"})
+    assert p.returncode == 1, p.stderr[-3000:]
+    err = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(
+        "error: weight sync v2 did not arrive at the rollout engine: engine parameter "), err
+    assert err[0].endswith("[TUNIX_SGLANG_INJECT_FAULT=skip_sync@2 is set]")
+    assert [int(m.group(1)) for m in STEP_RE.finditer(p.stdout)] == [1]
+    (row,) = rows(out)
+    assert row["step"] == 1 and set(REQUIRED_KEYS) <= set(row)
+    assert row["sync_check"] == "proven" and row["sync_max_logprob_diff"] <= 1e-4
+    assert (row["weight_version"], row["rollout_weight_version"]) == (1, 0)
+    assert 0 <= row["mismatch_kl"] <= 1e-6 and row["mismatch_max_abs"] <= 1e-3
+    assert (out / "config.json").is_file()
+
+
+def test_unknown_fault_is_a_one_line_error(run_cli, tmp_path):
+    p = run_cli("train", "--steps", "1", "--output-dir", str(tmp_path / "run"), timeout=120,
+                env={"TUNIX_SGLANG_INJECT_FAULT": "skip_snyc"})
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        p.stderr.strip().splitlines()[0]]
+    assert "unknown fault 'skip_snyc'" in p.stderr and "skip_sync" in p.stderr
 
 
 BAD_INPUTS = [

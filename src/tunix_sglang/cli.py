@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(e, (SyncCheckError, DesyncError)):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        from tunix_sglang.faults import ENV
+
+        injected = f" [{ENV}={os.environ[ENV]} is set]" if os.environ.get(ENV) else ""
+        print(f"error: {e}{injected}", file=sys.stderr, flush=True)
         return 1
 
 

@@ -176,6 +176,25 @@ def plot_single(rows: list[dict[str, Any]], key: str, title: str, ylabel: str,
     return _png(fig)
 
 
+def plot_mismatch(rows: list[dict[str, Any]]) -> str:
+    """Trainer vs engine logprobs of the rollout's own tokens, per step."""
+    fig, ax = _figure("Train-inference mismatch on the rollout tokens", "nats (log scale)")
+    drawn = False
+    for key, color, label in (("mismatch_kl", "#17becf", "mean k3 KL(engine || trainer)"),
+                              ("mismatch_max_abs", "#bcbd22", "max |Δ logprob|")):
+        xs, ys = _series(rows, key)
+        if xs:
+            ax.plot(xs, ys, marker="o", ms=3, color=color, label=label)
+            drawn = True
+    if drawn:
+        ax.set_yscale("symlog", linthresh=1e-12)
+        ax.legend(loc="best", fontsize=8)
+    else:
+        _no_data(ax, "no mismatch figures (the rollout returns no logprobs, or shares the "
+                     "trainer's model)")
+    return _png(fig)
+
+
 def plot_eval(evals: list[dict[str, Any]]) -> str:
     fig, ax = _figure("Held-out accuracy (greedy pass@1)", "accuracy")
     if evals:
@@ -218,8 +237,10 @@ def plots(rows: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[tuple
                                           "Mean completion length", "tokens", "#8c564b")),
         ("Time per step", plot_times(rows)),
         ("Weight sync", plot_single(rows, "sync_max_logprob_diff",
-                                    "Weight sync proof: max |Δ logprob| engine vs trainer",
-                                    "max |Δ logprob|", "#e377c2", log=True)),
+                                    "Weight sync proof: max |Δ logprob| on the probe's top-16 "
+                                    "tokens, engine vs trainer", "max |Δ logprob|", "#e377c2",
+                                    log=True)),
+        ("Train-inference mismatch", plot_mismatch(rows)),
     ]
 
 
@@ -264,10 +285,15 @@ def summary(rows: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[tup
         out.append((f"mean {key}", _mean(rows, key)))
     total = sum(float(r.get("step_sec") or 0.0) for r in rows)
     out.append(("total step time (s)", total))
-    diffs = [r.get("sync_max_logprob_diff") for r in rows
-             if isinstance(r.get("sync_max_logprob_diff"), int | float)]
-    if diffs:
-        out.append(("max sync |Δ logprob| over the run", max(diffs)))
+    checks = sorted({str(r.get("sync_check")) for r in rows if r.get("sync_check")})
+    if checks:
+        out.append(("weight sync proof", ", ".join(checks)))
+    for key, label in (("sync_max_logprob_diff", "max sync proof |Δ logprob| over the run"),
+                       ("mismatch_kl", "max mismatch_kl (rollout tokens)"),
+                       ("mismatch_max_abs", "max mismatch_max_abs (rollout tokens)")):
+        vals = [r[key] for r in rows if isinstance(r.get(key), int | float)]
+        if vals:
+            out.append((label, max(vals)))
     return out
 
 

@@ -58,7 +58,7 @@ class EngineReport:
     where: str  # "engine", "host 1", "process 0", "server http://..."
     version: int
     params: dict[str, tuple[int, tuple[int, ...], str]]  # name -> (fingerprint, shape, dtype)
-    logits: np.ndarray  # [positions, vocab]: next-token logits after each probe prefix
+    logits: np.ndarray | None  # [positions, vocab]: next-token logits after each prefix
 
     def layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {n: (tuple(s), d) for n, (_, s, d) in self.params.items()}
@@ -138,8 +138,22 @@ def check_arrival(version: int, expected: dict[str, int], report: EngineReport) 
             "engine holds other weights than the trainer (skipped, partial or stale sync)")
 
 
-def prove(rollout: Any, trainer_model: Any, version: int, threshold: float | None = None,
-          vocab_size: int | None = None) -> Proof:
+def expected_for(flat: dict[str, Any], report: EngineReport, version: int,
+                 cache: dict[Any, dict[str, int]]) -> dict[str, int]:
+    """The fingerprints `report`'s engine must show for the trainer's arrays `flat` (Tunix
+    names), computed once per engine layout (`cache`)."""
+    key = tuple(sorted(report.layout().items()))
+    if key not in cache:
+        try:
+            cache[key] = fingerprint.expected(flat, report.layout())
+        except IncompleteSyncError as e:
+            raise NotArrivedError(f"weight sync v{version}: the rollout {report.where} has "
+                                  f"other parameters than the trainer: {e}") from None
+    return cache[key]
+
+
+def prove(rollout: Any, trainer_model: Any, version: int, threshold: float | None = None
+          ) -> Proof:
     """Prove every engine of `rollout` holds and computes `trainer_model` at `version`.
 
     Raises NotArrivedError or ComputesDifferentlyError (both SyncCheckError); returns the
@@ -148,20 +162,12 @@ def prove(rollout: Any, trainer_model: Any, version: int, threshold: float | Non
     """
     t0 = time.perf_counter()
     flat, _ = flatten_tunix_params(trainer_model)
-    if vocab_size is None:
-        vocab_size = int(flat["embedder.input_embedding"].shape[0])
-    seq = scoring.probe_sequence(vocab_size, rollout.rollout_config.max_prompt_length)
+    seq = scoring.probe_sequence(int(flat["embedder.input_embedding"].shape[0]),
+                                 rollout.rollout_config.max_prompt_length)
     reports = rollout.sync_evidence(seq)
-    expected_by_layout: dict[Any, dict[str, int]] = {}
+    cache: dict[Any, dict[str, int]] = {}
     for r in reports:
-        key = tuple(sorted(r.layout().items()))
-        if key not in expected_by_layout:
-            try:
-                expected_by_layout[key] = fingerprint.expected(flat, r.layout())
-            except IncompleteSyncError as e:
-                raise NotArrivedError(f"weight sync v{version}: the rollout {r.where} has other "
-                                      f"parameters than the trainer: {e}") from None
-        check_arrival(version, expected_by_layout[key], r)
+        check_arrival(version, expected_for(flat, r, version, cache), r)
     rows = scoring.trainer_rows(trainer_model, seq)
     dtype = _dtype_of(reports)
     limit = threshold_for(dtype, rows, threshold)

@@ -51,10 +51,8 @@ from tunix.rl.rollout import base_rollout
 
 from tunix_sglang import faults, probe
 from tunix_sglang.errors import UserError
-from tunix_sglang.probe import fingerprint
 from tunix_sglang.probe.scoring import ProbeSequence
 from tunix_sglang.rollout.common import CopyBackedRollout, copy_params, seed_to_int
-from tunix_sglang.weight_map import IncompleteSyncError
 from tunix_sglang.weights_wire import DEFAULT_CHUNK_BYTES, Payload, flat_numpy_params, pack
 
 logger = logging.getLogger(__name__)
@@ -386,7 +384,7 @@ class RemoteRollout(CopyBackedRollout):
         self.last_versions: list[int] = []
         self.last_servers: list[str] = []
         self.last_push: PushReport | None = None
-        self._expected: tuple[int, dict[str, int]] | None = None  # fingerprints of _payload
+        self._expected: dict = {}  # the fingerprints _payload gives, per server layout
         self.last_rollout_stats: dict[str, Any] = {}
         self.redispatched_groups = 0
         self._payload: Payload | None = None
@@ -658,7 +656,7 @@ class RemoteRollout(CopyBackedRollout):
             raise AllServersDownError(self._down_message())
         self.version = version
         self._payload = payload  # for catching up servers that missed this push
-        self._expected = None
+        self._expected = {}
         self.last_push = PushReport(
             version=version, seconds=time.perf_counter() - t0, bytes=payload.total_bytes,
             pack_seconds=t_pack, servers=sorted(per), failed=failed, per_server_seconds=per,
@@ -675,18 +673,11 @@ class RemoteRollout(CopyBackedRollout):
                 s.last_error = str(e)
 
     def _check_catch_up(self, s: ServerClient) -> None:
-        """A server brought up to date outside a step holds the pushed weights, or the run
-        stops (it would otherwise get work before the next step's proof)."""
-        if self._expected is None or self._expected[0] != self.version:
-            layout = {n: (shape, dtype) for n, (_, shape, dtype) in s.params.items()}
-            try:
-                self._expected = (self.version,
-                                  fingerprint.expected(self._payload.arrays(), layout))
-            except IncompleteSyncError as e:
-                raise probe.NotArrivedError(f"weight sync v{self.version}: rollout server "
-                                            f"{s.url} has other parameters: {e}") from None
-        probe.check_arrival(self.version, self._expected[1], probe.EngineReport(
-            f"server {s.url}", int(s.version), s.params, np.zeros((0, 0), np.float32)))
+        """A server brought up to date outside a step must hold the pushed weights (it gets
+        work before the next step's proof): its fingerprints against the payload's."""
+        report = probe.EngineReport(f"server {s.url}", int(s.version), s.params, None)
+        probe.check_arrival(self.version, probe.expected_for(
+            self._payload.arrays(), report, self.version, self._expected), report)
 
     def sync_evidence(self, seq: ProbeSequence) -> list[probe.EngineReport]:
         """Every live server's side of the sync proof (its fingerprints and probe logits)."""
