@@ -78,7 +78,7 @@ class Proof:
 
     def metrics(self) -> dict[str, Any]:
         return {"sync_check": self.check, "sync_max_logprob_diff": self.max_logprob_diff,
-                "sync_kl": self.kl, "proof_sec": self.seconds}
+                "sync_threshold": self.threshold, "sync_kl": self.kl, "proof_sec": self.seconds}
 
 
 def params_json(params: dict[str, tuple[int, tuple[int, ...], str]]) -> dict[str, Any]:
@@ -171,6 +171,7 @@ def prove(rollout: Any, trainer_model: Any, version: int, threshold: float | Non
     rows = scoring.trainer_rows(trainer_model, seq)
     dtype = _dtype_of(reports)
     limit = threshold_for(dtype, rows, threshold)
+    source = "--sync-check-threshold" if threshold is not None else f"the {dtype} default"
     by_engine, kls = {}, []
     for r in reports:
         diff, kl = scoring.compare(rows, np.asarray(r.logits, np.float32))
@@ -181,7 +182,6 @@ def prove(rollout: Any, trainer_model: Any, version: int, threshold: float | Non
                 f"weight sync v{version} arrived at the rollout {r.where} (every parameter's "
                 f"fingerprint matches the trainer's) but the engine computes differently: max "
                 f"|Δ logprob| over the top-{scoring.TOP_K} tokens at {len(seq.lengths)} probe "
-                f"positions {diff:.3g} > {limit:.3g} ({'--sync-check-threshold' if threshold
-                                                     else f'the {dtype} default'}), KL {kl:.3g}")
+                f"positions {diff:.3g} > {limit:.3g} ({source}), KL {kl:.3g}")
     return Proof("proven", version, max(by_engine.values()), max(kls), limit, by_engine,
                  time.perf_counter() - t0)
