@@ -210,6 +210,18 @@ class EngineSettings:
         return kwargs, dropped
 
 
+def host_local_share(batch_size: int, num_processes: int) -> int:
+    """Sequences a host-local engine is built for: its host's share of the batch, rounded up."""
+    return max(1, -(-batch_size // num_processes))
+
+
+def host_local_device_count(rollout_devices: int, mesh_size: int, num_processes: int,
+                            num_local: int) -> int:
+    """Local devices a host-local engine uses: the rollout mesh's share per process
+    (--rollout-devices counts global devices; 0 means the whole mesh)."""
+    return min(max(1, (rollout_devices or mesh_size) // num_processes), num_local)
+
+
 def select_devices(settings: EngineSettings) -> list:
     """The devices the engine runs on: explicit ids, else the first N devices; among this
     process's devices, or every process's with `settings.global_devices`."""

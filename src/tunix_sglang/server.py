@@ -493,7 +493,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="bind address (default 127.0.0.1; others need --token)")
     p.add_argument("--port", type=int, default=0, help="0: a free port (printed on READY)")
     p.add_argument("--local-model-dir", default=None,
-                   help="Hugging Face model dir (default: the embedded tiny Qwen3)")
+                   help="Hugging Face model dir (default: --model, else the embedded tiny Qwen3)")
+    p.add_argument("--model", default=None,
+                   help="Hugging Face model id (ORG/NAME), fetched into the Hugging Face cache "
+                   "when the hub is reachable, the cached copy otherwise")
     p.add_argument("--max-prompt-length", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-batch", type=int, default=8, help="engine batch size")
@@ -561,10 +564,9 @@ def _serve(args: argparse.Namespace) -> int:
     from tunix_sglang.cluster import default_platform
 
     default_platform()
-    from tunix_sglang import models
-    from tunix_sglang.warmstart import embedded_model_dir
+    from tunix_sglang import hub, models
 
-    md = models.inspect_model_dir(args.local_model_dir or embedded_model_dir())
+    md = models.inspect_model_dir(hub.model_dir(args.local_model_dir, args.model))
     sock = _bind(args.host, args.port)  # the port is ours before the slow engine start
     port = sock.getsockname()[1]
     _tune_malloc()
