@@ -475,8 +475,12 @@ def plan_target(cfg: TrainConfig, target: str, config: str | None, as_json: bool
         print(f"plan for {config or 'these flags'} on {tpu.name}: {tpu.chips} x "
               f"{tpu.device_kind}, {tpu.hosts} host(s), {tpu.hbm_gib} GiB HBM per chip")
         print(run.format())
-        print(f"largest that fits: --batch-size {largest['batch_size']} (at --num-generations "
-              f"{largest['num_generations']}), --max-new-tokens {largest['max_new_tokens']}")
+        if largest["batch_size"]:
+            print(f"largest that fits: --batch-size {largest['batch_size']} (at "
+                  f"--num-generations {largest['num_generations']}), --max-new-tokens "
+                  f"{largest['max_new_tokens']} (at this batch)")
+        else:
+            print("largest that fits: nothing, not even --batch-size 1")
         print(format_table(checks))
         print(f"verdict: {verdict}", flush=True)
     return 0 if fits else 1

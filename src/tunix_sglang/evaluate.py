@@ -249,10 +249,12 @@ def eval_config(args: argparse.Namespace):
         cfg.max_prompt_length = PROMPT_LENGTH.get(cfg.data, cfg.max_prompt_length)
     # Evaluation needs no reference model and must not touch the run's own files.
     cfg.beta, cfg.resume, cfg.num_generations = 0.0, False, 2
-    cfg.batch_size = 1
-    cfg.validate()
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    # The engine is built for one generate call's prompts; the 2 "generations" only satisfy
+    # GRPO's config and make the count split over 2, 4, 8... training devices.
+    cfg.batch_size = args.batch_size
+    cfg.validate()
     return cfg
 
 

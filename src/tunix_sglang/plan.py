@@ -166,7 +166,15 @@ def plan_run(cfg: TrainConfig, facts: DeviceFacts,
     """The plan of `cfg` on these devices (`model`: config.json and its source, if known)."""
     config_json, source = model or model_config(cfg)
     shape = mp.ModelShape.from_hf_config(json.loads(config_json.read_text()))
-    settings = engine_settings(cfg, config_json.parent, max(1, facts.process_count))
+    problems, warnings = [], []
+    n = max(1, facts.device_count)
+    try:
+        cfg.validate_devices(n)
+    except UserError as e:
+        problems.append(str(e))
+    # The bytes of a split these devices cannot make are meaningless: plan them shared.
+    mem_cfg = dataclasses.replace(cfg, rollout_devices=0) if cfg.rollout_devices > n else cfg
+    settings = engine_settings(mem_cfg, config_json.parent, max(1, facts.process_count))
     tpu = is_tpu(facts)
     engine: dict[str, Any] = {}
     if settings is not None:
@@ -174,14 +182,8 @@ def plan_run(cfg: TrainConfig, facts: DeviceFacts,
         engine = dict(engine_tp_size=values["tp_size"], engine_page_size=values["page_size"],
                       engine_max_total_tokens=values["max_total_tokens"])
     memory = mp.plan_memory(
-        shape, mp.PlanInputs.from_config(cfg, **engine), facts.memory_bytes or 0,
-        num_devices=max(1, facts.device_count), shared_memory=not tpu,
-        memory_source=facts.memory_source)
-    problems, warnings = [], []
-    try:
-        cfg.validate_devices(max(1, facts.device_count))
-    except UserError as e:
-        problems.append(str(e))
+        shape, mp.PlanInputs.from_config(mem_cfg, **engine), facts.memory_bytes or 0,
+        num_devices=n, shared_memory=not tpu, memory_source=facts.memory_source)
     if settings is not None and engine:
         page = engine["engine_page_size"]
         need = settings.batch_size * math.ceil(
@@ -220,6 +222,9 @@ def largest_fitting(plan: RunPlan) -> dict[str, int | None]:
     --sglang-mem-fraction-static."""
     cfg, facts = plan.cfg, plan.facts
     model = (plan.config_json, plan.config_source)
+    if cfg.rollout_devices > max(1, facts.device_count):  # no size fits a split that cannot be
+        return {"batch_size": None, "num_generations": cfg.num_generations,
+                "max_new_tokens": None}
 
     def ok(**change: Any) -> bool:
         return plan_run(dataclasses.replace(cfg, **change), facts, model).memory.feasible
