@@ -100,12 +100,9 @@ class TrainConfig:
             raise UserError(f"--data {self.data!r} is unknown; use one of {DATA_SOURCES}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
-        if self.model is not None:
-            from tunix_sglang.hub import check_name
+        from tunix_sglang.hub import check_choice
 
-            if self.local_model_dir:
-                raise UserError("--model and --local-model-dir both name the model; pass one")
-            check_name(self.model)
+        check_choice(self.local_model_dir, self.model)
         if self.target is not None:
             from tunix_sglang.tpu_targets import get_target
 

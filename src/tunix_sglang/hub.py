@@ -21,6 +21,14 @@ FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
 PUBLISHED = Path(__file__).resolve().parent / "published"
 
 
+def check_choice(local_model_dir: str | None, model: str | None) -> None:
+    """At most one of --local-model-dir and --model, and a model id that looks like one."""
+    if local_model_dir and model:
+        raise UserError("--model and --local-model-dir both name the model; pass one")
+    if model is not None:
+        check_name(model)
+
+
 def check_name(name: str) -> None:
     """A Hugging Face model id (ORG/NAME); a one-line UserError otherwise."""
     if Path(name).expanduser().is_dir():
@@ -99,8 +107,7 @@ def config_json(name: str) -> tuple[Path, str]:
 def model_dir(local_model_dir: str | None, model: str | None) -> Path:
     """The run's model directory: --local-model-dir, else --model fetched by name, else the
     embedded default."""
-    if local_model_dir and model:
-        raise UserError("--model and --local-model-dir both name the model; pass one")
+    check_choice(local_model_dir, model)
     if local_model_dir:
         return Path(local_model_dir).expanduser()
     if model:
