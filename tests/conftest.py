@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,13 @@ def perturbed(model, scale: float = 0.05, seed: int = 1):
              if jnp.issubdtype(x.dtype, jnp.floating) else x
              for x, k in zip(leaves, keys, strict=True)]
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, noisy))
+
+
+def hf_cache_with(model_dir: Path, hf_home: Path, name: str, rev: str = "0" * 40) -> Path:
+    """`name` laid out as huggingface_hub caches it: models--ORG--NAME/snapshots/REV, refs/main."""
+    repo = hf_home / "hub" / ("models--" + name.replace("/", "--"))
+    snapshot = repo / "snapshots" / rev
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    return snapshot

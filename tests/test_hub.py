@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
-from test_recipes import hf_cache_with
+from conftest import REPO, hf_cache_with
 
 from tunix_sglang.errors import UserError
 from tunix_sglang.hub import check_name

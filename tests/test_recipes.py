@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_cmd
+from conftest import REPO, cli_cmd, hf_cache_with
 
 from tunix_sglang import plan as plan_lib
 from tunix_sglang.config import build_config
@@ -153,18 +153,6 @@ def test_shipped_configs_are_tunix_presets():
 # threshold; batch and lengths shrunk (their plan on the TPU is pinned above).
 SHRUNK = ["--batch-size", "2", "--num-generations", "2", "--max-prompt-length", "128",
           "--max-new-tokens", "16", "--steps", "1", "--eval-limit", "0"]
-
-
-def hf_cache_with(model_dir: Path, hf_home: Path, name: str, rev: str = "0" * 40) -> Path:
-    """`name` laid out as huggingface_hub caches it: models--ORG--NAME/snapshots/REV, refs/main."""
-    import shutil
-
-    repo = hf_home / "hub" / ("models--" + name.replace("/", "--"))
-    snapshot = repo / "snapshots" / rev
-    shutil.copytree(model_dir, snapshot)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    return snapshot
 
 
 @pytest.fixture(scope="module")
