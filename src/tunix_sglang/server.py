@@ -226,17 +226,20 @@ class ServerState:
             raise _http(429, f"more than {MAX_CHUNKS_IN_FLIGHT} chunks in flight; send fewer "
                         "at once")
         try:
-            data, crc = bytearray(), 0
+            # Scratch of the chunk's size (heap memory _tune_malloc keeps for the next one).
+            scratch = memoryview(bytearray(size))
+            n, crc = 0, 0
             async for part in stream:
-                if len(data) + len(part) > size:
+                if n + len(part) > size:
                     up.reject(index)
                     raise UploadTooLarge(f"chunk {index} is longer than {size} bytes")
-                data += part
+                scratch[n:n + len(part)] = part
                 crc = zlib.crc32(part, crc)
-            up.put_chunk(index, data, crc)
+                n += len(part)
+            up.put_chunk(index, scratch[:n], crc)
         finally:
             self._chunk_slots.release()
-        return {"index": index, "bytes": len(data), "remaining": len(up.missing())}
+        return {"index": index, "bytes": n, "remaining": len(up.missing())}
 
     def commit_upload(self, upload_id: str) -> dict[str, Any]:
         up = self.uploads.take(upload_id)
