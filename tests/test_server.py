@@ -234,6 +234,14 @@ def test_manifest_validation():
         parse_manifest(pl.manifest.as_json(), 10)
 
 
+def test_controller_casts_floats_to_the_servers_dtype():
+    import ml_dtypes
+
+    flat = flat_numpy_params({"w": np.ones(3, np.float32), "i": np.arange(3, dtype=np.int32)},
+                             "bfloat16")
+    assert flat["w"].dtype == ml_dtypes.bfloat16 and flat["i"].dtype == np.int32
+
+
 def _rss_mib() -> float:
     with open("/proc/self/status") as f:
         return next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 1024

@@ -73,10 +73,11 @@ class LaunchedServer:
                 return self.url
             if not self.alive():
                 break
-        status = f"exited with {self.proc.poll()}" if not self.alive() else "not ready"
+        status = (f"exited with status {self.proc.poll()}" if not self.alive()
+                  else f"not ready after {timeout:g}s")
         self.stop()
         tail = "\n".join(list(self.tail)[-15:])
-        raise UserError(f"rollout server (pid {self.pid}) {status} after {timeout:g}s:\n{tail}")
+        raise UserError(f"rollout server (pid {self.pid}) {status}:\n{tail}")
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds (JAX may swallow SIGTERM). By PID."""
