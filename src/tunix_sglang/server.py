@@ -68,6 +68,7 @@ from tunix_sglang.server_requests import (
     Limits,
     LoadRequest,
     check_generate,
+    http_error,
 )
 from tunix_sglang.weights_check import ParamSpec, WeightsRejected, load_weights
 from tunix_sglang.weights_wire import (
@@ -100,10 +101,6 @@ def _tune_malloc() -> None:
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 1 << 30)
         libc.mallopt(m_trim_threshold, 1 << 31)
-
-
-def _http(code: int, detail: str) -> HTTPException:
-    return HTTPException(status_code=code, detail=detail)
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,25 +147,25 @@ class ServerState:
 
     def _require_engine(self) -> None:
         if self.liveness.dead:
-            raise _http(503, f"the engine died ({self.liveness.dead}); this server is exiting")
+            raise http_error(503, f"the engine died ({self.liveness.dead}); this server is exiting")
 
     def _engine_failed(self, e: BaseException) -> HTTPException:
         reason = self.liveness.check()
         if reason:
-            return _http(503, f"the engine died ({reason}); this server is exiting")
+            return http_error(503, f"the engine died ({reason}); this server is exiting")
         logger.error("engine call failed", exc_info=e)
-        return _http(500, f"engine error: {(str(e).strip().splitlines() or [''])[0]}")
+        return http_error(500, f"engine error: {(str(e).strip().splitlines() or [''])[0]}")
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, req: GenerateRequest) -> dict[str, Any]:
         check_generate(req, self.limits)
         if self.paused:
-            raise _http(503, "server is paused (POST /resume)")
+            raise http_error(503, "server is paused (POST /resume)")
         t0 = time.perf_counter()
         with self._engine_lock:
             self._require_engine()
             if req.expected_version is not None and req.expected_version != self.version:
-                raise _http(409, f"weight version is {self.version}, request expects "
+                raise http_error(409, f"weight version is {self.version}, request expects "
                             f"{req.expected_version}")
             version = self.version
             self.liveness.before_generate()
@@ -183,11 +180,11 @@ class ServerState:
                         ignore_eos=req.ignore_eos,
                     )
             except UserError as e:
-                raise _http(422, str(e)) from None
+                raise http_error(422, str(e)) from None
             except Exception as e:
                 raise self._engine_failed(e) from None
         if not all(np.isfinite(x.logprobs).all() for x in samples):
-            raise _http(500, f"the served weights (version {version}) give non-finite "
+            raise http_error(500, f"the served weights (version {version}) give non-finite "
                         "logprobs; push finite weights of a sane magnitude")
         self.counters["generate_requests"] += 1
         self.counters["samples"] += len(samples)
@@ -205,7 +202,7 @@ class ServerState:
     def _check_version(self, version: int, digest: str | None = None) -> None:
         if version < self.version or (version == self.version
                                       and (digest is None or digest != self.digest)):
-            raise _http(409, f"weight version {version} is not newer than the server's "
+            raise http_error(409, f"weight version {version} is not newer than the server's "
                         f"{self.version} (versions increase; the same version only with the "
                         "same weights)")
 
@@ -223,7 +220,7 @@ class ServerState:
         up = self.uploads.get(upload_id)
         size = up.chunk_size(index)
         if not self._chunk_slots.acquire(blocking=False):
-            raise _http(429, f"more than {MAX_CHUNKS_IN_FLIGHT} chunks in flight; send fewer "
+            raise http_error(429, f"more than {MAX_CHUNKS_IN_FLIGHT} chunks in flight; send fewer "
                         "at once")
         try:
             # Scratch of the chunk's size (heap memory _tune_malloc keeps for the next one).
@@ -263,7 +260,7 @@ class ServerState:
             try:
                 self.engine.sync_from_tunix(arrays)
             except IncompleteSyncError as e:
-                raise _http(422, f"weights rejected, nothing changed: {e}") from None
+                raise http_error(422, f"weights rejected, nothing changed: {e}") from None
             except Exception as e:
                 raise self._engine_failed(e) from None
             self.version, self.digest = int(version), digest
@@ -274,7 +271,7 @@ class ServerState:
 
     def load_path(self, path: str, version: int) -> dict[str, Any]:
         if self.weights_root is None:
-            raise _http(404, "POST /weights/load is off; start the server with "
+            raise http_error(404, "POST /weights/load is off; start the server with "
                         "--weights-root DIR to load weights from files under DIR")
         self._check_version(version)
         flat, size = load_weights(self.weights_root, path, self.spec, self.settings.dtype)

@@ -72,7 +72,7 @@ class Limits:
     max_prompts: int
 
 
-def _http(code: int, detail: str) -> HTTPException:
+def http_error(code: int, detail: str) -> HTTPException:
     return HTTPException(status_code=code, detail=detail)
 
 
@@ -80,17 +80,18 @@ def check_generate(req: GenerateRequest, lim: Limits) -> None:
     """HTTPException (413/422) naming the first field this server cannot take."""
     top = lim.vocab_size - 1
     if len(req.prompts) > lim.max_prompts:
-        raise _http(413, f"{len(req.prompts)} prompts in one request; at most {lim.max_prompts}")
+        raise http_error(413, f"{len(req.prompts)} prompts in one request; at most "
+                         f"{lim.max_prompts}")
     if req.max_new_tokens > lim.max_new_tokens:
-        raise _http(422, f"max_new_tokens {req.max_new_tokens} > this server's "
+        raise http_error(422, f"max_new_tokens {req.max_new_tokens} > this server's "
                     f"--max-new-tokens {lim.max_new_tokens}")
     for i, p in enumerate(req.prompts):
         if not 1 <= len(p) <= lim.max_prompt_len:
-            raise _http(422, f"prompt {i} has {len(p)} tokens; allowed 1..{lim.max_prompt_len}"
+            raise http_error(422, f"prompt {i} has {len(p)} tokens; allowed 1..{lim.max_prompt_len}"
                         " (--max-prompt-length)")
         if min(p) < 0 or max(p) > top:
-            raise _http(422, f"prompt {i} has token ids outside 0..{top}")
+            raise http_error(422, f"prompt {i} has token ids outside 0..{top}")
     if req.stop_token_ids and (min(req.stop_token_ids) < 0 or max(req.stop_token_ids) > top):
-        raise _http(422, f"stop_token_ids outside 0..{top}")
+        raise http_error(422, f"stop_token_ids outside 0..{top}")
     if req.top_k is not None and req.top_k > lim.vocab_size:
-        raise _http(422, f"top_k {req.top_k} > the vocabulary size {lim.vocab_size}")
+        raise http_error(422, f"top_k {req.top_k} > the vocabulary size {lim.vocab_size}")
