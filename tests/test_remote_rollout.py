@@ -1,8 +1,10 @@
 """The single controller (RemoteRollout) against real rollout servers on 127.0.0.1.
 
 Two servers launched by the controller for the module (as `--launch-servers 2` does); the
-fault tests SIGKILL them for real. The last test runs `runner.train` for 5 steps with
-`--rollout-engine sglang_jax_remote --launch-servers 2` wired in through `engine_for`.
+fault tests SIGKILL them for real, or restart one with its engine set to die
+(TUNIX_SGLANG_INJECT_FAULT=server_engine_death). The last tests run `tunix-sglang train
+--rollout-engine sglang_jax_remote --launch-servers 2`: with one server's engine dying, and
+with every server killed mid-run.
 """
 
 from __future__ import annotations
@@ -12,19 +14,24 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_device_mesh, perturbed
+from conftest import REPO, cli_cmd, one_device_mesh, perturbed
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from tunix_sglang import faults  # noqa: E402
 from tunix_sglang.engine import tunix_token_logprobs  # noqa: E402
+from tunix_sglang.errors import UserError  # noqa: E402
 from tunix_sglang.models import inspect_model_dir, load_model, load_tokenizer  # noqa: E402
+from tunix_sglang.rollout.launcher import LaunchedServer  # noqa: E402
 from tunix_sglang.rollout.remote import (  # noqa: E402
     AllServersDownError,
     RemoteRollout,
@@ -115,6 +122,18 @@ def test_no_reachable_server_is_a_clean_error(actor, tok):
     with pytest.raises(AllServersDownError, match="all 1 rollout servers are down"):
         RemoteRollout(actor, tok, one_device_mesh(), rollout_config(tok), servers="127.0.0.1:9")
     assert time.monotonic() - t0 < 15
+
+
+def test_weak_token_refused(tok):
+    with pytest.raises(UserError, match="at least 16 printable ASCII"):
+        RemoteRollout(None, tok, None, rollout_config(tok), servers="127.0.0.1:9", token="a")
+
+
+def test_server_faults_reach_one_launch_only():
+    env = {faults.ENV: "server_engine_death@2,other@1", "X": "1"}
+    assert faults.for_server(env, armed=True) == env
+    assert faults.for_server(env, armed=False) == {faults.ENV: "other@1", "X": "1"}
+    assert faults.for_server({faults.ENV: "server_engine_death"}, armed=False) == {}
 
 
 def test_launched_and_synced(rollout, actor):
@@ -209,6 +228,38 @@ def test_restart_catches_up_before_work(rollout, tok, actor):
     assert rollout.verify_sync(actor) <= 1e-4
 
 
+def test_engine_death_is_a_dead_server(rollout, tok, actor):
+    """A server whose engine dies mid-rollout answers 503 and exits (status 3): its work is
+    re-dispatched, it is relaunched, brought to the current version, then given work."""
+    victim = rollout.servers[1]
+    old = victim.launched
+    args = list(old.args)
+    args[args.index("--port") + 1] = victim.url.rsplit(":", 1)[1]
+    old.stop()
+    # Started anew with the fault armed: its engine dies on its first generate.
+    victim.launched = LaunchedServer(args, {**old.env, faults.ENV: "server_engine_death@1"})
+    victim.launched.wait_ready(180)
+    rollout._mark_down(victim, "restarted by the test")  # noqa: SLF001 (seen down once)
+    prompts = repeated()
+    out = rollout.generate(prompts, rollout_config(tok))
+    check_output(out, rollout, tok, actor, prompts)
+    stats = rollout.last_rollout_stats
+    assert stats["redispatched_groups"] > 0 and stats["rounds"] == 2
+    assert "engine died" in victim.last_error and not victim.up
+    assert victim.launched.proc.wait(30) == 3
+    dead_pid = victim.launched.pid
+    # The next rollout relaunches it (without the fault); it works on the survivor meanwhile.
+    out = rollout.generate(prompts, rollout_config(tok))
+    check_output(out, rollout, tok, actor, prompts)
+    assert victim.launched.pid != dead_pid
+    assert faults.ENV not in victim.launched.env
+    victim.launched.wait_ready(180)
+    out = rollout.generate(prompts, rollout_config(tok))
+    assert victim.up and victim.version == rollout.weight_version
+    assert victim.url in rollout.last_servers
+    check_output(out, rollout, tok, actor, prompts)
+
+
 def test_all_servers_down_is_clean_and_bounded(rollout, tok):
     rollout.relaunch_dead = False
     for s in rollout.servers:
@@ -221,16 +272,72 @@ def test_all_servers_down_is_clean_and_bounded(rollout, tok):
     assert time.monotonic() - t0 < 30
 
 
-def test_train_five_steps_with_two_launched_servers(run_cli, tmp_path):
-    """`train --rollout-engine sglang_jax_remote --launch-servers 2 --steps 5`."""
+def test_train_five_steps_one_server_engine_dies(run_cli, tmp_path):
+    """`train --launch-servers 2 --steps 5` while the first server's engine dies on its 2nd
+    generate (step 1's rollout): the run completes, every step with all its samples."""
     out = tmp_path / "run"
     p = run_cli("train", "--rollout-engine", "sglang_jax_remote", "--launch-servers", "2",
                 "--steps", "5", "--batch-size", "2", "--num-generations", "2",
                 "--max-new-tokens", "16", "--sync-check-threshold", "1e-4", "--eval-limit", "0",
-                "--output-dir", str(out), timeout=900)
+                "--output-dir", str(out), timeout=900,
+                env={faults.ENV: "server_engine_death@2"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.findall(r"^Train step (\d+) training loss", p.stdout, re.M) == list("12345")
     assert p.stdout.strip().splitlines()[-1].startswith("DONE: steps=5 ")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["num_samples"] for r in rows] == [4] * 5
+    assert rows[0]["redispatched_groups"] > 0  # the dead server's groups, run elsewhere
     assert all(r["sync_max_logprob_diff"] <= 1e-4 for r in rows), rows
+
+
+def _server_children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"tunix_sglang.server" in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def test_train_all_servers_killed_checkpoints_and_exits_one_line(cli_env, tmp_path):
+    """Every rollout server SIGKILLed after step 2: the run writes its checkpoint and stops
+    with one line (exit 2); the metrics of the finished steps stay."""
+    out = tmp_path / "run"
+    args = cli_cmd("train", "--rollout-engine", "sglang_jax_remote", "--launch-servers", "2",
+                   "--steps", "50", "--batch-size", "2", "--num-generations", "2",
+                   "--max-new-tokens", "16", "--eval-limit", "0", "--output-dir", str(out))
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=cli_env, cwd=REPO)
+        killed = []
+        try:
+            for line in proc.stdout:
+                if line.startswith("Train step 2 training loss"):
+                    killed = _server_children(proc.pid)
+                    for pid in killed:
+                        os.kill(pid, signal.SIGKILL)
+                    break
+            proc.stdout.read()
+            proc.wait(300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert len(killed) == 2
+    stderr = err_path.read_text()
+    assert proc.returncode == 2, stderr[-3000:]
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: all 2 rollout servers are down"), \
+        lines
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] >= 2
+    ckpt = max(int(d.name) for d in (out / "checkpoints" / "actor").iterdir()
+               if d.name.isdigit())
+    # The last trained step is checkpointed (one step past the last metrics row when the
+    # servers died during that step's weight sync).
+    assert steps[-1] <= ckpt <= steps[-1] + 1

@@ -15,7 +15,12 @@ from tunix_sglang.errors import UserError
 ENV = "TUNIX_SGLANG_INJECT_FAULT"
 
 # name -> what it does (shown in the error for an unknown name; the README lists them).
-KNOWN: dict[str, str] = {}
+KNOWN: dict[str, str] = {
+    "server_engine_death": "rollout server: the engine's scheduler thread dies on the N-th "
+                           "generate (of the first launched server's first start only)",
+}
+# Faults acted on inside a rollout server process (see `for_server`).
+SERVER_PREFIX = "server_"
 
 
 def _parse(raw: str) -> dict[str, int | None]:
@@ -48,3 +53,20 @@ def injected(name: str, at: int | None = None) -> bool:
         return False
     want = faults[name]
     return want is None or at is None or want == at
+
+
+def for_server(env: dict[str, str], armed: bool) -> dict[str, str]:
+    """The environment for a rollout server the controller launches.
+
+    Servers inherit the controller's environment; a server fault is meant for one server
+    once (the first launched one's first start), so every other launch gets the variable
+    without the `server_*` names.
+    """
+    if armed or ENV not in env:
+        return dict(env)
+    kept = [p for p in env[ENV].split(",") if p.strip() and
+            not p.strip().startswith(SERVER_PREFIX)]
+    out = {k: v for k, v in env.items() if k != ENV}
+    if kept:
+        out[ENV] = ",".join(kept)
+    return out

@@ -41,6 +41,8 @@ class StepResult:
     step_sec: float
     weight_version: int
     sync_max_logprob_diff: float
+    num_samples: int
+    redispatched_groups: int  # remote rollout: prompt groups re-run after a server failed
     rewards_by_fn: dict[str, float]
 
     def row(self) -> dict[str, Any]:
@@ -125,6 +127,9 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
         reward_std=float(np.std(rewards)),
         completion_len_mean=float(np.mean(completion_mask.sum(axis=-1))),
         rollout_sec=rollout_sec,
+        num_samples=len(out.tokens),
+        redispatched_groups=int(getattr(cluster.rollout, "last_rollout_stats", {}).get(
+            "redispatched_groups", 0)),
         rewards_by_fn=by_fn,
     )
     return example, stats
