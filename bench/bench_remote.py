@@ -30,7 +30,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tunix_sglang.models import inspect_model_dir, load_model, load_tokenizer  # noqa: E402
-from tunix_sglang.rollout.remote import RemoteRollout, ServerClient, launch_servers  # noqa: E402
+from tunix_sglang.rollout.launcher import launch_servers  # noqa: E402
+from tunix_sglang.rollout.remote import RemoteRollout, ServerClient  # noqa: E402
 from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model  # noqa: E402
 from tunix_sglang.weights_wire import flat_numpy_params, pack  # noqa: E402
 

@@ -1,7 +1,8 @@
 """Check the memory plan against Tunix and sglang-jax for a Qwen3-0.6B-shaped model.
 
-Too slow for CI tests, so it lives here. Nothing is downloaded: the config numbers of
-Qwen/Qwen3-0.6B are written to a temporary config.json.
+Too slow for CI tests, so it lives here. Nothing is downloaded: the published config.json of
+Qwen/Qwen3-0.6B that tunix-sglang ships (src/tunix_sglang/published/) is copied to a temporary
+directory.
 - parameter and AdamW bytes: the abstract Tunix model (nnx.eval_shape, nothing allocated);
 - KV cache: sglang-jax 0.0.2's own `ModelRunner.profile_max_num_token` formula (`cell_size`)
   read from its `ModelConfig`, and a real `MHATokenToKVPool` allocated on CPU for the tokens
@@ -29,15 +30,10 @@ from flax import nnx  # noqa: E402
 
 from tunix_sglang import memory_plan as mp  # noqa: E402
 from tunix_sglang import models  # noqa: E402
+from tunix_sglang.hub import published_config  # noqa: E402
 
-QWEN3_0_6B = {  # config.json numbers of Qwen/Qwen3-0.6B
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
-    "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False,
-    "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645,
-}
+# The published config.json of Qwen/Qwen3-0.6B, as shipped for the recipes' plans.
+QWEN3_0_6B = json.loads(published_config("Qwen/Qwen3-0.6B").read_text())
 OUT = Path(__file__).resolve().parent / "results" / "memory_plan.json"
 
 

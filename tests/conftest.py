@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,13 @@ def one_adamw_step(model, lr: float, seed: int = 0):
     opt = nnx.Optimizer(model, optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=0.1), wrt=nnx.Param)
     opt.update(model, nnx.grad(loss_fn)(model))
     return model
+
+
+def hf_cache_with(model_dir: Path, hf_home: Path, name: str, rev: str = "0" * 40) -> Path:
+    """`name` laid out as huggingface_hub caches it: models--ORG--NAME/snapshots/REV, refs/main."""
+    repo = hf_home / "hub" / ("models--" + name.replace("/", "--"))
+    snapshot = repo / "snapshots" / rev
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    return snapshot

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from tunix_sglang.data import (
     SYSTEM_PROMPT,
@@ -334,3 +334,23 @@ def test_to_dataset_rows(chatml_tokenizer: PreTrainedTokenizerFast) -> None:
         assert row["answer"] == p.gold == str(_recompute(p.question))
         assert row["prompts"] == render_prompt(p.question, chatml_tokenizer)
         assert row["prompts"].endswith("<|im_start|>assistant\n")
+
+
+def test_fit_prompts_counts_what_it_skips(tmp_path):
+    from tunix_sglang.data import fit_prompts
+    from tunix_sglang.tiny_model import ensure_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_model(cache_dir=tmp_path))
+    rows = [{"prompts": "7 + 5 = ?"}, {"prompts": "Tom has 3 apples. " * 40},
+            {"prompts": "2 * 3"}]
+    lines: list[str] = []
+    kept = fit_prompts(rows, tok, 32, "training", lines.append)
+    assert kept == [rows[0], rows[2]]
+    longest = len(tok.encode(rows[1]["prompts"]))
+    assert lines == [f"skipped 1 of 3 training prompts longer than --max-prompt-length 32 "
+                     f"tokens (longest: {longest}); raise --max-prompt-length to keep them"]
+    assert fit_prompts(rows[:1], tok, 32, "training", lines.append) == rows[:1]
+    assert len(lines) == 1  # nothing skipped, nothing said
+    with pytest.raises(UserError, match="every held-out prompt is longer than "
+                       "--max-prompt-length 2 tokens .*raise --max-prompt-length"):
+        fit_prompts(rows, tok, 2, "held-out", lines.append)

@@ -127,6 +127,16 @@ def test_eval_cli_errors_are_user_errors(tmp_path):
         evaluate.eval_config(_args(run_dir=tmp_path))
 
 
+def test_eval_config_fits_the_data_and_the_devices():
+    cfg = evaluate.eval_config(_args(data="gsm8k"))
+    assert cfg.max_prompt_length == 256  # GSM8K prompts run past the synthetic 128
+    assert evaluate.eval_config(_args(data="gsm8k", max_prompt_length=300)).max_prompt_length \
+        == 300
+    # One generate call's prompts, split over 1, 2, 4 or 8 training chips (a v4-8 has 4).
+    for n in (1, 2, 4, 8):
+        cfg.validate_devices(n)
+
+
 def test_greedy_eval_through_tunix_vanilla_is_deterministic(tmp_path, cache_home, monkeypatch):
     """The real path: embedded model, Tunix RLCluster with the vanilla sampler, Mode.EVAL."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))

@@ -1,8 +1,10 @@
 """The single controller (RemoteRollout) against real rollout servers on 127.0.0.1.
 
 Two servers launched by the controller for the module (as `--launch-servers 2` does); the
-fault tests SIGKILL them for real. The last test runs `runner.train` for 5 steps with
-`--rollout-engine sglang_jax_remote --launch-servers 2` wired in through `engine_for`.
+fault tests SIGKILL them for real, or restart one with its engine set to die
+(TUNIX_SGLANG_INJECT_FAULT=server_engine_death). The last tests run `tunix-sglang train
+--rollout-engine sglang_jax_remote --launch-servers 2`: with one server's engine dying, and
+with every server killed mid-run.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_adamw_step, one_device_mesh, perturbed
+from conftest import REPO, cli_cmd, one_adamw_step, one_device_mesh, perturbed
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -24,8 +28,10 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from tunix_sglang import faults, probe  # noqa: E402
+from tunix_sglang.errors import UserError  # noqa: E402
 from tunix_sglang.models import inspect_model_dir, load_model, load_tokenizer  # noqa: E402
 from tunix_sglang.probe.scoring import tunix_token_logprobs  # noqa: E402
+from tunix_sglang.rollout.launcher import LaunchedServer  # noqa: E402
 from tunix_sglang.rollout.remote import (  # noqa: E402
     AllServersDownError,
     RemoteRollout,
@@ -116,6 +122,18 @@ def test_no_reachable_server_is_a_clean_error(actor, tok):
     with pytest.raises(AllServersDownError, match="all 1 rollout servers are down"):
         RemoteRollout(actor, tok, one_device_mesh(), rollout_config(tok), servers="127.0.0.1:9")
     assert time.monotonic() - t0 < 15
+
+
+def test_weak_token_refused(tok):
+    with pytest.raises(UserError, match="at least 16 printable ASCII"):
+        RemoteRollout(None, tok, None, rollout_config(tok), servers="127.0.0.1:9", token="a")
+
+
+def test_server_faults_reach_one_launch_only():
+    env = {faults.ENV: "server_engine_death@2,other@1", "X": "1"}
+    assert faults.for_server(env, armed=True) == env
+    assert faults.for_server(env, armed=False) == {faults.ENV: "other@1", "X": "1"}
+    assert faults.for_server({faults.ENV: "server_engine_death"}, armed=False) == {}
 
 
 def test_launched_and_synced(rollout, actor):
@@ -210,7 +228,39 @@ def test_restart_catches_up_before_work(rollout, tok, actor):
     assert victim.call("GET", "/version")["weight_version"] == rollout.weight_version
     assert victim.url in rollout.last_servers
     check_output(out, rollout, tok, actor, prompts)
-    probe.prove(rollout, actor, rollout.weight_version)
+    probe.prove(rollout, actor, rollout.weight_version)  # the caught-up server included
+
+
+def test_engine_death_is_a_dead_server(rollout, tok, actor):
+    """A server whose engine dies mid-rollout answers 503 and exits (status 3): its work is
+    re-dispatched, it is relaunched, brought to the current version, then given work."""
+    victim = rollout.servers[1]
+    old = victim.launched
+    args = list(old.args)
+    args[args.index("--port") + 1] = victim.url.rsplit(":", 1)[1]
+    old.stop()
+    # Started anew with the fault armed: its engine dies on its first generate.
+    victim.launched = LaunchedServer(args, {**old.env, faults.ENV: "server_engine_death@1"})
+    victim.launched.wait_ready(180)
+    rollout._mark_down(victim, "restarted by the test")  # noqa: SLF001 (seen down once)
+    prompts = repeated()
+    out = rollout.generate(prompts, rollout_config(tok))
+    check_output(out, rollout, tok, actor, prompts)
+    stats = rollout.last_rollout_stats
+    assert stats["redispatched_groups"] > 0 and stats["rounds"] == 2
+    assert "engine died" in victim.last_error and not victim.up
+    assert victim.launched.proc.wait(30) == 3
+    dead_pid = victim.launched.pid
+    # The next rollout relaunches it (without the fault); it works on the survivor meanwhile.
+    out = rollout.generate(prompts, rollout_config(tok))
+    check_output(out, rollout, tok, actor, prompts)
+    assert victim.launched.pid != dead_pid
+    assert faults.ENV not in victim.launched.env
+    victim.launched.wait_ready(180)
+    out = rollout.generate(prompts, rollout_config(tok))
+    assert victim.up and victim.version == rollout.weight_version
+    assert victim.url in rollout.last_servers
+    check_output(out, rollout, tok, actor, prompts)
 
 
 def test_all_servers_down_is_clean_and_bounded(rollout, tok):
@@ -225,22 +275,79 @@ def test_all_servers_down_is_clean_and_bounded(rollout, tok):
     assert time.monotonic() - t0 < 30
 
 
-def test_train_five_steps_with_two_launched_servers(run_cli, tmp_path):
-    """`train --rollout-engine sglang_jax_remote --launch-servers 2 --steps 5`."""
+def test_train_five_steps_one_server_engine_dies(run_cli, tmp_path):
+    """`train --launch-servers 2 --steps 5` while the first server's engine dies on its 1st
+    generate (step 1's rollout; the sync proof uses POST /probe): the run completes, every
+    step with all its samples, every step's sync proven on every server."""
     out = tmp_path / "run"
     p = run_cli("train", "--rollout-engine", "sglang_jax_remote", "--launch-servers", "2",
                 "--steps", "5", "--batch-size", "2", "--num-generations", "2",
-                "--max-new-tokens", "16", "--eval-limit", "0", "--output-dir", str(out),
-                timeout=900)
+                "--max-new-tokens", "16", "--sync-check-threshold", "1e-4", "--eval-limit", "0",
+                "--output-dir", str(out), timeout=900,
+                env={faults.ENV: "server_engine_death@1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.findall(r"^Train step (\d+) training loss", p.stdout, re.M) == list("12345")
     assert p.stdout.strip().splitlines()[-1].startswith("DONE: steps=5 ")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["num_samples"] for r in rows] == [4] * 5
+    assert rows[0]["redispatched_groups"] > 0  # the dead server's groups, run elsewhere
     for r in rows:  # every server proven after every push; versions are the trainer's
         assert r["sync_check"] == "proven" and r["sync_max_logprob_diff"] <= 1e-4, r
         assert (r["weight_version"], r["rollout_weight_version"]) == (r["step"], r["step"] - 1)
         assert 0 <= r["mismatch_kl"] <= 1e-6 and r["mismatch_max_abs"] <= 1e-3, r
+
+
+def _server_children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"tunix_sglang.server" in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def test_train_all_servers_killed_checkpoints_and_exits_one_line(cli_env, tmp_path):
+    """Every rollout server SIGKILLed after step 2: the run writes its checkpoint and stops
+    with one line (exit 2); the metrics of the finished steps stay."""
+    out = tmp_path / "run"
+    args = cli_cmd("train", "--rollout-engine", "sglang_jax_remote", "--launch-servers", "2",
+                   "--steps", "50", "--batch-size", "2", "--num-generations", "2",
+                   "--max-new-tokens", "16", "--eval-limit", "0", "--output-dir", str(out))
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=cli_env, cwd=REPO)
+        killed = []
+        try:
+            for line in proc.stdout:
+                if line.startswith("Train step 2 training loss"):
+                    killed = _server_children(proc.pid)
+                    for pid in killed:
+                        os.kill(pid, signal.SIGKILL)
+                    break
+            proc.stdout.read()
+            proc.wait(300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert len(killed) == 2
+    stderr = err_path.read_text()
+    assert proc.returncode == 2, stderr[-3000:]
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: all 2 rollout servers are down"), \
+        lines
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] >= 2
+    ckpt = max(int(d.name) for d in (out / "checkpoints" / "actor").iterdir()
+               if d.name.isdigit())
+    # The last trained step is checkpointed (one step past the last metrics row when the
+    # servers died during that step's weight sync).
+    assert steps[-1] <= ckpt <= steps[-1] + 1
 
 
 # -- the sync proof over servers: every fault caught, whatever the learning rate -----------
@@ -250,14 +357,14 @@ FAULTS = "skip_sync@3,partial_sync@5,stale_server@7"
 
 @pytest.fixture(scope="module", params=["tied", "untied"])
 def faulty(request, tok, tmp_path_factory):
-    """Two launched servers whose engines skip the sync to version 3, leave one tensor
-    unwritten at version 5, and (the last one only) acknowledge version 7 without applying
-    it; the controller is told nothing."""
+    """Two launched servers whose engines skip the sync to version 3 and leave one tensor
+    unwritten at version 5, and of which the first acknowledges version 7 without applying
+    it (`faults.for_server`); the controller is told nothing."""
     spec = TinyModelSpec(tie_word_embeddings=request.param == "tied")
     md = inspect_model_dir(ensure_tiny_model(spec, cache_dir=tmp_path_factory.mktemp("m")))
     actor = load_model(md, one_device_mesh())
     old = os.environ.get(faults.ENV)
-    os.environ[faults.ENV] = FAULTS  # inherited by the servers, decided there
+    os.environ[faults.ENV] = FAULTS  # inherited by the servers, acted on there
     try:
         r = RemoteRollout(actor, tok, one_device_mesh(), rollout_config(tok), model_dir=md,
                           train_config=TrainCfg(), launch_servers=2, request_timeout=60)
@@ -283,8 +390,8 @@ def test_every_server_fault_caught_after_a_step_at_lr_1e7(faulty):
         with pytest.raises(probe.NotArrivedError) as e:
             probe.prove(rollout, model, version)
         msg = str(e.value)
-        # The stale server is the last one launched; the others fail first, in URL order.
-        where = rollout.servers[-1].url if fault == "stale_server" else urls[0]
+        # The stale server is the first launched; the others fail together, first URL named.
+        where = rollout.servers[0].url if fault == "stale_server" else urls[0]
         assert msg.startswith(f"weight sync v{version} did not arrive at the rollout server "
                               f"{where}: engine parameter "), (fault, msg)
         if fault == "partial_sync":

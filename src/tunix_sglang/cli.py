@@ -10,6 +10,7 @@ import sys
 from tunix_sglang.config import (
     DATA_SOURCES,
     EMBEDDED_DEFAULTS,
+    PROMPT_LENGTH,
     ROLLOUT_ENGINES,
     TrainConfig,
     build_config,
@@ -22,7 +23,9 @@ _TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--rollout-engine", str, f"one of {', '.join(ROLLOUT_ENGINES)}"),
     ("--rollout-devices", int, "devices for the rollout engine, the rest train (0: share all)"),
     ("--local-model-dir", str, "Hugging Face style model dir (config.json, *.safetensors, "
-     "tokenizer); unset: the embedded tiny Qwen3"),
+     "tokenizer); unset: --model, else the embedded tiny Qwen3"),
+    ("--model", str, "Hugging Face model id (ORG/NAME), fetched into the Hugging Face cache "
+     "($HF_HOME) when the hub is reachable, the cached copy otherwise"),
     ("--sglang-mem-fraction-static", float, "share of device memory for the engine, in (0, 1)"),
     ("--multihost-mode", str, "sglang_jax on several processes: host_local (one engine per "
      "host) or lockstep (one engine spanning hosts; experimental on 0.0.2)"),
@@ -57,6 +60,8 @@ def _train_parser(sub) -> None:
     for flag, typ, text in _TRAIN_FLAGS:
         name = flag[2:].replace("-", "_")
         default = f"{getattr(defaults, name)}"
+        if name == "max_prompt_length":
+            default = ", ".join(f"{k} {v}" for k, v in PROMPT_LENGTH.items())
         if name in EMBEDDED_DEFAULTS:
             default += f"; embedded model: {EMBEDDED_DEFAULTS[name]}"
         p.add_argument(flag, type=typ, help=f"{text} (default: {default})")

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tunix_sglang.errors import UserError
 
 ROLLOUT_ENGINES = ("sglang_jax", "vanilla", "sglang_jax_remote")
 DATA_SOURCES = ("synthetic", "gsm8k")
+# --max-prompt-length when none is given: what the data's prompts need. Synthetic prompts are
+# at most 102 tokens with the embedded tokenizer; GSM8K prompts with the system prompt and a
+# chat template run past 128 (Tunix's GSM8K demo uses 256). Longer ones are skipped, counted.
+PROMPT_LENGTH = {"synthetic": 128, "gsm8k": 256}
+# Each group names one choice: a layer (YAML, then flags) that sets one member replaces what
+# an earlier layer set for the others, so `--local-model-dir D` works with a recipe naming a
+# model, and `--launch-servers K` with one naming servers.
+ONE_CHOICE = (("local_model_dir", "model"), ("rollout_servers", "launch_servers"))
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -19,14 +29,15 @@ class TrainConfig:
     steps: int = 10
     rollout_engine: str = "sglang_jax"
     rollout_devices: int = 0  # 0: the rollout shares every device with the trainer
-    local_model_dir: str | None = None  # None: the embedded tiny model
+    local_model_dir: str | None = None  # None: --model, else the embedded tiny model
+    model: str | None = None  # Hugging Face id (ORG/NAME), fetched into the HF cache
     sglang_mem_fraction_static: float = 0.8
     multihost_mode: str = "host_local"  # sglang_jax on several processes: host_local | lockstep
     rollout_servers: str | None = None  # sglang_jax_remote: URL,URL,... started elsewhere
     launch_servers: int = 0  # sglang_jax_remote: start K local rollout servers for the run
     num_generations: int = 4
     batch_size: int = 2  # prompts per step; each gets num_generations completions
-    max_prompt_length: int = 128
+    max_prompt_length: int = PROMPT_LENGTH["synthetic"]  # build_config: PROMPT_LENGTH[data]
     max_new_tokens: int = 48
     learning_rate: float = 3e-5
     beta: float = 0.04
@@ -43,6 +54,7 @@ class TrainConfig:
     # max |Δ logprob| engine vs trainer on the sync proof's probe; None: calibrated per dtype
     sync_check_threshold: float | None = None
     dtype: str = "float32"
+    target: str | None = None  # the hardware a recipe is for: what `doctor --plan` plans for
 
     def validate(self, num_devices: int | None = None) -> None:
         """Raise UserError (one line: problem and fix) for any bad value."""
@@ -92,6 +104,13 @@ class TrainConfig:
                             "(or unset for the calibrated default of the dtype)")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
+        from tunix_sglang.hub import check_choice
+
+        check_choice(self.local_model_dir, self.model)
+        if self.target is not None:
+            from tunix_sglang.tpu_targets import get_target
+
+            get_target(self.target)
         if num_devices is not None:
             self.validate_devices(num_devices)
 
@@ -111,9 +130,16 @@ class TrainConfig:
             )
 
     def train_device_count(self, num_devices: int) -> int:
-        if self.rollout_devices in (0, num_devices):
-            return num_devices
-        return num_devices - self.rollout_devices
+        return len(self.split_devices(range(num_devices))[0])
+
+    def split_devices(self, devices: Sequence[T]) -> tuple[list[T], list[T]]:
+        """(training, rollout) devices: the rollout on the first --rollout-devices and the
+        trainer on the rest; 0 (or all of them) shares every device."""
+        devices = list(devices)
+        n_roll = self.rollout_devices
+        if n_roll in (0, len(devices)):
+            return devices, devices
+        return devices[n_roll:], devices[:n_roll]
 
     @property
     def output_path(self) -> Path:
@@ -176,12 +202,17 @@ def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfi
     command-line values that were given."""
     from tunix_sglang.warmstart import embedded_is_warm
 
-    values: dict[str, Any] = {}
-    if yaml_path:
-        values.update(load_yaml(yaml_path))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if not values.get("local_model_dir") and embedded_is_warm():
+    values: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for group in ONE_CHOICE:
+        if any(k in given for k in group):
+            for k in group:
+                values.pop(k, None)
+    values.update(given)
+    if not values.get("local_model_dir") and not values.get("model") and embedded_is_warm():
         values = {**EMBEDDED_DEFAULTS, **values}
+    values.setdefault("max_prompt_length", PROMPT_LENGTH.get(values.get("data", "synthetic"),
+                                                             PROMPT_LENGTH["synthetic"]))
     cfg = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name in values:

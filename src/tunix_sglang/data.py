@@ -17,6 +17,7 @@ __all__ = [
     "HUB_DATASET",
     "SYSTEM_PROMPT",
     "Problem",
+    "fit_prompts",
     "load_gsm8k",
     "prompt_messages",
     "render_prompt",
@@ -112,6 +113,22 @@ def to_dataset_rows(problems: Iterable[Problem], tokenizer: Any) -> list[dict[st
         {"prompts": render_prompt(p.question, tokenizer), "question": p.question, "answer": p.gold}
         for p in problems
     ]
+
+
+def fit_prompts(rows: list[dict[str, str]], tokenizer: Any, max_len: int, what: str,
+                log: Callable[[str], None] = print) -> list[dict[str, str]]:
+    """The rows whose prompt fits --max-prompt-length tokens; says how many were skipped and
+    why (the engine's shapes are fixed by that length), and fails when none is left."""
+    lengths = [len(tokenizer.encode(r["prompts"])) for r in rows]
+    kept = [r for r, n in zip(rows, lengths, strict=True) if n <= max_len]
+    if rows and not kept:
+        raise UserError(f"every {what} prompt is longer than --max-prompt-length {max_len} "
+                        f"tokens (shortest: {min(lengths)}); raise --max-prompt-length")
+    if len(kept) < len(rows):
+        log(f"skipped {len(rows) - len(kept)} of {len(rows)} {what} prompts longer than "
+            f"--max-prompt-length {max_len} tokens (longest: {max(lengths)}); raise "
+            "--max-prompt-length to keep them")
+    return kept
 
 
 # ----------------------------------------------------------------------- synthetic

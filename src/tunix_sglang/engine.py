@@ -150,16 +150,17 @@ class EngineSettings:
             b //= 4
         return sorted(set(out))
 
-    def derived_token_paddings(self) -> list[int]:
+    def derived_token_paddings(self, native: bool = False) -> list[int]:
         top = self.max_prefill_tokens
         if self.token_paddings:
             return sorted({int(t) for t in self.token_paddings if self.batch_size <= t <= top}
                           | {top})
-        # The sync proof's prefill gets its own small padding (probe.scoring).
-        from tunix_sglang.probe.scoring import PROBE_TOKEN_PADDING
+        sizes = {top // 4, top}
+        if native:  # CPU: a prefill costs its padding x the whole KV window; the sync proof's
+            from tunix_sglang.probe.scoring import PROBE_TOKEN_PADDING  # gets its own size
 
-        return sorted({t for t in (PROBE_TOKEN_PADDING, top // 4, top)
-                       if self.batch_size <= t <= top})
+            sizes.add(PROBE_TOKEN_PADDING)
+        return sorted(t for t in sizes if self.batch_size <= t <= top)
 
     def server_args_values(self, backend: str) -> dict[str, Any]:
         """All ServerArgs values this engine wants (before filtering by the installed version)."""
@@ -187,7 +188,7 @@ class EngineSettings:
             disable_overlap_schedule=True,
             disable_radix_cache=self.disable_radix_cache,
             precompile_bs_paddings=self.derived_bs_paddings(),
-            precompile_token_paddings=self.derived_token_paddings(),
+            precompile_token_paddings=self.derived_token_paddings(native),
             disable_jax_precompile=not self.precompile,
             log_level=self.log_level,
             max_seq_len=self.context_length,
@@ -208,6 +209,18 @@ class EngineSettings:
         kwargs = {k: val for k, val in wanted.items() if k in fields}
         dropped = sorted(k for k in wanted if k not in fields)
         return kwargs, dropped
+
+
+def host_local_share(batch_size: int, num_processes: int) -> int:
+    """Sequences a host-local engine is built for: its host's share of the batch, rounded up."""
+    return max(1, -(-batch_size // num_processes))
+
+
+def host_local_device_count(rollout_devices: int, mesh_size: int, num_processes: int,
+                            num_local: int) -> int:
+    """Local devices a host-local engine uses: the rollout mesh's share per process
+    (--rollout-devices counts global devices; 0 means the whole mesh)."""
+    return min(max(1, (rollout_devices or mesh_size) // num_processes), num_local)
 
 
 def select_devices(settings: EngineSettings) -> list:

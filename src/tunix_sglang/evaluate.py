@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from tunix_sglang.config import PROMPT_LENGTH
 from tunix_sglang.errors import UserError
 
 EVAL_FILE = "eval.jsonl"
@@ -89,16 +90,12 @@ def heldout_problems(data: str, data_path: str | None, seed: int, limit: int | N
 
 
 def eval_rows(problems: list, tokenizer: Any, max_prompt_length: int) -> list[dict[str, str]]:
-    """Dataset rows (prompts, question, answer) whose prompt fits the rollout's prompt length."""
+    """Dataset rows (prompts, question, answer) whose prompt fits the rollout's prompt length
+    (the skipped ones are counted on the console)."""
     from tunix_sglang import data as data_lib
 
     rows = data_lib.to_dataset_rows(problems, tokenizer)
-    kept = [r for r in rows if len(tokenizer.encode(r["prompts"])) <= max_prompt_length]
-    if not kept:
-        raise UserError(
-            f"every eval prompt is longer than --max-prompt-length {max_prompt_length}; raise it"
-        )
-    return kept
+    return data_lib.fit_prompts(rows, tokenizer, max_prompt_length, "held-out")
 
 
 def evaluate(
@@ -204,6 +201,8 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--local-model-dir",
                      help="Hugging Face model directory (default: the embedded model)")
+    src.add_argument("--model", help="Hugging Face model id (ORG/NAME), fetched into the "
+                     "Hugging Face cache when the hub is reachable, the cached copy otherwise")
     src.add_argument("--run-dir", help="a `tunix-sglang train` output dir: its last checkpoint")
     p.add_argument("--data", default=None, help="synthetic or gsm8k (default: the run's, else "
                    "synthetic)")
@@ -213,6 +212,10 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
                    help=f"prompts per generate call (default {DEFAULT_EVAL_BATCH})")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="completion tokens (default: the run's, else TrainConfig's)")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="prompt tokens; longer prompts are skipped, counted (default: the "
+                   "run's, else " + ", ".join(f"{k} {v}" for k, v in PROMPT_LENGTH.items())
+                   + ")")
     p.add_argument("--rollout-engine", default=None, help="default: the run's, else vanilla")
     p.add_argument("--seed", type=int, default=None, help="synthetic split seed (default: run's)")
     p.add_argument("--json", default=None, help="also write the result (with samples) here")
@@ -225,7 +228,7 @@ def eval_config(args: argparse.Namespace):
 
     cfg = TrainConfig()
     if args.run_dir:
-        run = Path(args.run_dir)
+        run = Path(args.run_dir).expanduser().resolve()  # Orbax wants an absolute path
         cfg_path = run / "config.json"
         if not cfg_path.is_file():
             raise UserError(f"--run-dir {run}: no config.json; pass a `tunix-sglang train` "
@@ -235,17 +238,23 @@ def eval_config(args: argparse.Namespace):
         ckpt = run / "checkpoints" / "actor"
         if not (ckpt.is_dir() and any(ckpt.iterdir())):
             raise UserError(f"--run-dir {run}: no checkpoint under {ckpt}; train first")
-    elif args.local_model_dir:
-        cfg.local_model_dir = args.local_model_dir
+    else:
+        cfg.local_model_dir, cfg.model = args.local_model_dir, args.model
     for key in ("data", "data_path", "max_new_tokens", "rollout_engine", "seed"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
+    if args.max_prompt_length is not None:
+        cfg.max_prompt_length = args.max_prompt_length
+    elif not args.run_dir:
+        cfg.max_prompt_length = PROMPT_LENGTH.get(cfg.data, cfg.max_prompt_length)
     # Evaluation needs no reference model and must not touch the run's own files.
     cfg.beta, cfg.resume, cfg.num_generations = 0.0, False, 2
-    cfg.batch_size = 1
-    cfg.validate()
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    # The engine is built for one generate call's prompts; the 2 "generations" only satisfy
+    # GRPO's config and make the count split over 2, 4, 8... training devices.
+    cfg.batch_size = args.batch_size
+    cfg.validate()
     return cfg
 
 
@@ -266,21 +275,21 @@ def restore_actor(cluster: Any, run_dir: Path) -> int:
 
 def run_eval(args: argparse.Namespace) -> tuple[EvalResult, int]:
     """Build the cluster as training does, restore if asked, evaluate; (result, step)."""
-    from tunix_sglang import models, runner
+    from tunix_sglang import hub, models, runner
 
     cfg = eval_config(args)
     problems = heldout_problems(cfg.data, cfg.data_path, cfg.seed, args.limit)
-    model_dir = cfg.local_model_dir or default_model_dir()
-    md = models.inspect_model_dir(model_dir)
+    md = models.inspect_model_dir(hub.model_dir(cfg.local_model_dir, cfg.model))
     runner.default_compilation_cache()
     tokenizer = models.load_tokenizer(md)
     rows = eval_rows(problems, tokenizer, cfg.max_prompt_length)
     with tempfile.TemporaryDirectory(prefix="tunix-sglang-eval-") as tmp:
         cfg.output_dir = tmp  # the cluster's own checkpoints/tensorboard go to scratch
-        cfg.local_model_dir = str(md.path)
+        cfg.local_model_dir, cfg.model = str(md.path), None
         cluster = build_eval_cluster(cfg, md, tokenizer)
         try:
-            step = restore_actor(cluster, Path(args.run_dir)) if args.run_dir else 0
+            run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else None
+            step = restore_actor(cluster, run_dir) if run_dir else 0
             result = evaluate(cluster, rows, cfg.max_new_tokens, args.batch_size)
         finally:
             close = getattr(cluster.rollout, "close", None)
@@ -306,17 +315,11 @@ def build_eval_cluster(cfg: Any, md: Any, tokenizer: Any) -> Any:
     return cluster
 
 
-def default_model_dir() -> Path:
-    """The embedded default model: the warm-started tiny model (see warmstart.py)."""
-    from tunix_sglang.warmstart import embedded_model_dir
-
-    return embedded_model_dir()
-
-
 def eval_main(args: argparse.Namespace) -> int:
     """`tunix-sglang eval`: prints strict/lenient accuracy; `--json` writes the full result."""
     result, step = run_eval(args)
-    where = f"{args.run_dir} step {step}" if args.run_dir else (args.local_model_dir or "default")
+    where = (f"{args.run_dir} step {step}" if args.run_dir
+             else (args.local_model_dir or args.model or "default"))
     print(format_result(result, f"eval [{where}]"), flush=True)
     if args.json:
         out = dataclasses.asdict(result) | {"step": step, "source": where}

@@ -40,6 +40,8 @@ class StepResult:
     mismatch_kl: float | None  # mean k3 KL(rollout || trainer) over completion tokens
     mismatch_max_abs: float | None  # max |trainer - engine logprob| over completion tokens
     trainer_logps_sec: float
+    num_samples: int
+    redispatched_groups: int  # remote rollout: prompt groups re-run after a server failed
     rewards_by_fn: dict[str, float]
     proof: probe.Proof
 
@@ -191,6 +193,9 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
         mismatch_kl=mismatch[0],
         mismatch_max_abs=mismatch[1],
         trainer_logps_sec=logps_sec,
+        num_samples=len(out.tokens),
+        redispatched_groups=int(getattr(cluster.rollout, "last_rollout_stats", {}).get(
+            "redispatched_groups", 0)),
         rewards_by_fn=by_fn,
     )
     return example, stats

@@ -62,7 +62,7 @@ def prebuild_embedded_model(rest: list[str]) -> None:
     Skipped when the command names its own model (or a config file that may).
     """
     if rest[0] not in ("train", "eval", "serve") or any(
-        a.startswith(("--local-model-dir", "--config")) for a in rest
+        a.startswith(("--local-model-dir", "--model", "--config")) for a in rest
     ):
         return
     code = "from tunix_sglang.warmstart import embedded_model_dir; embedded_model_dir()"

@@ -110,6 +110,19 @@ def load_model(md: ModelDir, mesh, dtype: str = "float32"):
     )
 
 
+def abstract_params(md: ModelDir, dtype: str = "float32"):
+    """The Tunix model's parameters as shapes only (nnx.State of ShapeDtypeStruct)."""
+    from flax import nnx
+
+    from tunix_sglang import compat
+
+    compat.apply_all()
+    pkg, cls = ARCHITECTURES[md.model_type]
+    model_cls = getattr(importlib.import_module(pkg + ".model"), cls)
+    cfg = tunix_model_config(md, dtype)
+    return nnx.state(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(params=0))), nnx.Param)
+
+
 def load_tokenizer(md: ModelDir):
     """The directory's Hugging Face tokenizer (must have a chat template and an EOS)."""
     from transformers import AutoTokenizer

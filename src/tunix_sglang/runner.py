@@ -58,30 +58,13 @@ def load_problems(cfg: TrainConfig):
     return data.load_gsm8k(cfg.data_path, split="train")
 
 
-def fit_prompts(rows: list[dict[str, Any]], tokenizer, max_len: int, console_line) -> list:
-    """Drop prompts longer than --max-prompt-length (Tunix would silently grow the cache)."""
-    kept = [r for r in rows if len(tokenizer.encode(r["prompts"])) <= max_len]
-    if not kept:
-        raise UserError(
-            f"every prompt is longer than --max-prompt-length {max_len} tokens; raise it"
-        )
-    if len(kept) < len(rows):
-        console_line(f"skipped {len(rows) - len(kept)} of {len(rows)} prompts longer than "
-                     f"--max-prompt-length {max_len}")
-    return kept
-
-
 def build_meshes(cfg: TrainConfig):
     """Actor/reference on the training devices, rollout on the first N (or all, shared)."""
     import jax
 
     devices = jax.devices()
     cfg.validate_devices(len(devices))
-    n_roll = cfg.rollout_devices
-    if n_roll in (0, len(devices)):
-        train_devs = roll_devs = devices
-    else:
-        roll_devs, train_devs = devices[:n_roll], devices[n_roll:]
+    train_devs, roll_devs = cfg.split_devices(devices)
     axis = (jax.sharding.AxisType.Auto,) * 2
 
     def mesh(devs):
@@ -89,7 +72,23 @@ def build_meshes(cfg: TrainConfig):
                                  axis_types=axis)
 
     train_mesh = mesh(train_devs)
-    return train_mesh, (train_mesh if roll_devs is train_devs else mesh(roll_devs))
+    return train_mesh, (train_mesh if roll_devs == train_devs else mesh(roll_devs))
+
+
+def train_rollout_config(cfg: TrainConfig, eos_tokens: list[int]):
+    """Tunix's RolloutConfig for training: the rollout's shapes and sampling."""
+    from tunix.rl.rollout import base_rollout
+
+    return base_rollout.RolloutConfig(
+        max_tokens_to_generate=cfg.max_new_tokens,
+        max_prompt_length=cfg.max_prompt_length,
+        kv_cache_size=cfg.max_prompt_length + cfg.max_new_tokens + 16,
+        temperature=cfg.temperature,
+        top_p=1.0,
+        top_k=None,
+        eos_tokens=eos_tokens,
+        rollout_sglang_jax_mem_fraction_static=cfg.sglang_mem_fraction_static,
+    )
 
 
 def build_cluster(cfg: TrainConfig, md, tokenizer):
@@ -98,7 +97,6 @@ def build_cluster(cfg: TrainConfig, md, tokenizer):
     import orbax.checkpoint as ocp
     from tunix.rl import rl_cluster as rl
     from tunix.rl.grpo.grpo_learner import GRPOConfig, GRPOLearner
-    from tunix.rl.rollout import base_rollout
     from tunix.sft import metrics_logger
 
     from tunix_sglang import models, rewards, rollout
@@ -119,17 +117,7 @@ def build_cluster(cfg: TrainConfig, md, tokenizer):
             log_dir=str(out / "tensorboard"), flush_every_n_steps=1
         ),
     )
-    eos = tokenizer.eos_token_id
-    rollout_config = base_rollout.RolloutConfig(
-        max_tokens_to_generate=cfg.max_new_tokens,
-        max_prompt_length=cfg.max_prompt_length,
-        kv_cache_size=cfg.max_prompt_length + cfg.max_new_tokens + 16,
-        temperature=cfg.temperature,
-        top_p=1.0,
-        top_k=None,
-        eos_tokens=[eos],
-        rollout_sglang_jax_mem_fraction_static=cfg.sglang_mem_fraction_static,
-    )
+    rollout_config = train_rollout_config(cfg, [tokenizer.eos_token_id])
     from tunix_sglang import evaluate
 
     cluster_config = rl.ClusterConfig(
@@ -173,21 +161,20 @@ def prepare(cfg: TrainConfig, topo: Topology | None) -> RunInputs:
     """Bad input and blocking environment problems fail here, before any model loads."""
     import jax
 
-    from tunix_sglang import data, evaluate, models
+    from tunix_sglang import data, evaluate, hub, models
     from tunix_sglang.doctor import check_before_train
-    from tunix_sglang.warmstart import embedded_model_dir
 
     check_resume(cfg)
     faults.active()  # a misspelt TUNIX_SGLANG_INJECT_FAULT stops here, not mid-run
     cluster_lib.initialize(topo or Topology())
     check_before_train(cfg)  # TPU generation, TPU lock, Pathways, memory
     cfg.validate_devices(len(jax.devices()))
-    md = models.inspect_model_dir(cfg.local_model_dir or embedded_model_dir())
+    md = models.inspect_model_dir(hub.model_dir(cfg.local_model_dir, cfg.model))
     problems = load_problems(cfg)
     default_compilation_cache()
     tokenizer = models.load_tokenizer(md)
-    rows = fit_prompts(data.to_dataset_rows(problems, tokenizer), tokenizer,
-                       cfg.max_prompt_length, print)
+    rows = data.fit_prompts(data.to_dataset_rows(problems, tokenizer), tokenizer,
+                            cfg.max_prompt_length, "training")
     eval_rows: list[dict[str, Any]] = []
     if cfg.eval_limit:
         held_out = evaluate.heldout_problems(cfg.data, cfg.data_path, cfg.seed, cfg.eval_limit)

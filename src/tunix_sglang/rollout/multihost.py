@@ -165,8 +165,9 @@ def host_local_device_ids(mesh: Any, rollout_devices: int = 0) -> tuple[int, ...
 
     local = jax.local_devices()
     total = int(np.asarray(mesh.devices).size) if mesh is not None else len(jax.devices())
-    n = max(1, (rollout_devices or total) // jax.process_count())
-    return tuple(int(d.id) for d in local[: min(n, len(local))])
+    n = engine_lib.host_local_device_count(rollout_devices, total, jax.process_count(),
+                                           len(local))
+    return tuple(int(d.id) for d in local[:n])
 
 
 def pad_samples(tokens: Sequence[np.ndarray], logprobs: Sequence[np.ndarray], rows: int,
@@ -397,7 +398,7 @@ class MultihostSglangRollout(SglangJaxRollout):
             ids = host_local_device_ids(mesh, int(getattr(train_config, "rollout_devices", 0)
                                                   or 0))
             # Each engine runs only its share of the batch.
-            share = max(1, -(-settings.batch_size // self.process_count))
+            share = engine_lib.host_local_share(settings.batch_size, self.process_count)
             if engine_settings is not None:
                 share = settings.batch_size
             settings = dataclasses.replace(settings, device_ids=ids, rollout_devices=None,

@@ -2,8 +2,8 @@
 
 `--rollout-engine sglang_jax_remote` for users who cannot colocate the engine with the
 trainer. The servers are `tunix-sglang serve` processes (tunix_sglang.server), given as
-URLs or launched here (`launch_servers=K`: `python -m tunix_sglang.server` subprocesses on
-127.0.0.1, stopped by PID with `close()`, SIGKILL after a grace period).
+URLs or launched here (`launch_servers=K`, rollout.launcher: subprocesses on 127.0.0.1,
+stopped by PID with `close()`, SIGKILL after a grace period).
 
 Per step:
 * `generate` groups identical consecutive prompts (the trainer repeats each prompt G times),
@@ -29,17 +29,12 @@ Every bounded wait has a timeout: connect 5 s, requests `request_timeout`, a who
 from __future__ import annotations
 
 import atexit
-import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import http.client
 import logging
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -49,15 +44,16 @@ import httpx
 import numpy as np
 from tunix.rl.rollout import base_rollout
 
-from tunix_sglang import faults, probe
+from tunix_sglang import probe
 from tunix_sglang.errors import UserError
 from tunix_sglang.probe.scoring import ProbeSequence
 from tunix_sglang.rollout.common import CopyBackedRollout, copy_params, seed_to_int
+from tunix_sglang.rollout.launcher import LaunchedServer, launch_servers
+from tunix_sglang.server_guard import TOKEN_ENV, check_token
 from tunix_sglang.weights_wire import DEFAULT_CHUNK_BYTES, Payload, flat_numpy_params, pack
 
 logger = logging.getLogger(__name__)
 
-TOKEN_ENV = "TUNIX_SGLANG_SERVER_TOKEN"
 
 
 class AllServersDownError(UserError):
@@ -66,137 +62,6 @@ class AllServersDownError(UserError):
 
 class ServerFailure(Exception):
     """One server failed one call (down, timed out, refused); the controller routes around it."""
-
-
-# ---------------------------------------------------------------------------------------
-# Launching local servers
-# ---------------------------------------------------------------------------------------
-
-
-class LaunchedServer:
-    """A `python -m tunix_sglang.server` subprocess; its READY line gives the URL."""
-
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None):
-        self.args = list(args)
-        self.env = dict(env if env is not None else os.environ)
-        self.url: str | None = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._ready = threading.Event()
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self, port: int | None = None) -> None:
-        """(Re)start the process; `port` pins it (a relaunch keeps its URL)."""
-        args = list(self.args)
-        if port is not None:
-            i = args.index("--port")
-            args[i + 1] = str(port)
-        self._ready.clear()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tunix_sglang.server", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env=self.env, start_new_session=True,  # a terminal ^C goes to the controller only
-        )
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-
-    def _pump(self, proc: subprocess.Popen) -> None:
-        for line in iter(proc.stdout.readline, ""):
-            line = line.rstrip("\n")
-            self.tail.append(line[-400:])
-            if line.startswith("READY ") and proc is self.proc:
-                self.url = line.split()[1]
-                self._ready.set()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait_ready(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._ready.wait(0.2):
-                return self.url
-            if not self.alive():
-                break
-        status = f"exited with {self.proc.poll()}" if not self.alive() else "not ready"
-        self.stop()
-        tail = "\n".join(list(self.tail)[-15:])
-        raise UserError(f"rollout server (pid {self.pid}) {status} after {timeout:g}s:\n{tail}")
-
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after `grace` seconds (JAX may swallow SIGTERM). By PID."""
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p.pid, signal.SIGTERM)
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait(10)
-
-    def kill(self) -> None:
-        """SIGKILL now (tests, and a controller that must not wait)."""
-        p = self.proc
-        if p is not None and p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait(10)
-
-
-def server_args(
-    *,
-    model_dir: Any,
-    max_prompt_length: int,
-    max_new_tokens: int,
-    max_batch: int,
-    port: int = 0,
-    mem_fraction_static: float = 0.8,
-    dtype: str = "float32",
-    seed: int = 0,
-    init_weights: str = "model",
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """Flags for one `tunix_sglang.server` (127.0.0.1; this process is its parent)."""
-    return [
-        "--host", "127.0.0.1", "--port", str(port),
-        "--local-model-dir", str(getattr(model_dir, "path", model_dir)),
-        "--max-prompt-length", str(max_prompt_length), "--max-new-tokens", str(max_new_tokens),
-        "--max-batch", str(max_batch), "--sglang-mem-fraction-static", str(mem_fraction_static),
-        "--dtype", dtype, "--seed", str(seed), "--init-weights", init_weights,
-        "--parent-pid", str(os.getpid()), *extra,
-    ]
-
-
-def launch_servers(
-    k: int, *, token: str | None = None, ready_timeout: float = 300.0, **kw: Any
-) -> list[LaunchedServer]:
-    """Start K local servers at once and wait until every one printed READY."""
-    env = dict(os.environ)
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env["PYTHONUNBUFFERED"] = "1"
-    if token:
-        env[TOKEN_ENV] = token  # not on the command line (visible in ps)
-    seed = int(kw.pop("seed", 0))
-    envs = [env] * k
-    if faults.injected("stale_server"):  # only the last server is stale (it does not say so)
-        others = ",".join(f"{n}@{at}" if at is not None else n
-                          for n, at in faults.active().items() if n != "stale_server")
-        envs = [{**env, faults.ENV: others}] * (k - 1) + [env]
-    procs = [LaunchedServer(server_args(seed=seed + i, **kw), e) for i, e in enumerate(envs)]
-    try:
-        for p in procs:
-            p.wait_ready(ready_timeout)
-    except BaseException:
-        for p in procs:
-            p.kill()
-        raise
-    return procs
 
 
 # ---------------------------------------------------------------------------------------
@@ -376,6 +241,8 @@ class RemoteRollout(CopyBackedRollout):
         self.mesh = mesh
         self.rollout_config = rollout_config
         self.token = token or os.environ.get(TOKEN_ENV) or None
+        if self.token is not None:
+            check_token(self.token, "--server-token")
         self.request_timeout = float(request_timeout)
         self.rollout_timeout = float(rollout_timeout)
         self.chunk_bytes = int(chunk_bytes)
@@ -388,6 +255,8 @@ class RemoteRollout(CopyBackedRollout):
         self.last_rollout_stats: dict[str, Any] = {}
         self.redispatched_groups = 0
         self._payload: Payload | None = None
+        self._notes: list[str] = []
+        self.server_dtype: str | None = None  # pushes are cast to it (servers never cast)
         self._last_temperature = float(getattr(rollout_config, "temperature", 1.0) or 0.0)
         self._closed = False
         self._after_dispatch: Callable[[int, dict[str, list[int]]], None] | None = None  # tests
@@ -444,7 +313,7 @@ class RemoteRollout(CopyBackedRollout):
                 s.info = s.call("GET", "/info", timeout=10.0)
             except ServerFailure as e:
                 s.last_error = str(e)
-                logger.warning("rollout server %s unreachable at start: %s", s.url, e)
+                self._note(f"rollout server {s.url} unreachable at start: {e}")
                 continue
             problems = []
             if s.info["max_prompt_len"] < rc.max_prompt_length:
@@ -459,6 +328,7 @@ class RemoteRollout(CopyBackedRollout):
             s.version = int(s.info["weight_version"])
             s.up = True
             vocab = vocab or int(s.info["vocab_size"])
+            self.server_dtype = self.server_dtype or str(s.info["dtype"])
         if not any(s.up for s in self.servers):
             raise AllServersDownError(self._down_message())
         self.vocab_size = vocab
@@ -470,23 +340,37 @@ class RemoteRollout(CopyBackedRollout):
         self.version = max(s.version or 0 for s in self.servers)
 
     def _down_message(self) -> str:
+        self._notes.clear()  # the error's one line says it all
         detail = "; ".join(f"{s.url}: {s.last_error or 'down'}" for s in self.servers)
         return (f"all {len(self.servers)} rollout servers are down ({detail[:600]}); restart "
                 "them (tunix-sglang serve ...) and rerun with --resume")
 
     # -- server health and catch-up -------------------------------------------------------
+    def _note(self, msg: str) -> None:
+        """A server event, logged once the call that saw it succeeds: if every server is
+        down, AllServersDownError's one line reports them instead."""
+        self._notes.append(msg)
+
+    def _flush_notes(self) -> None:
+        while self._notes:
+            logger.warning(self._notes.pop(0))
+
     def _mark_down(self, s: ServerClient, why: str) -> None:
         if s.up:
-            logger.warning("rollout server %s taken out of rotation: %s", s.url, why)
+            self._note(f"rollout server {s.url} taken out of rotation: {why}")
         s.up = False
         s.last_error = why
+        self._relaunch_if_dead(s)
+
+    def _relaunch_if_dead(self, s: ServerClient) -> None:
+        """A launched server whose process is gone (killed, or exited on engine death)."""
         p = s.launched
         if p is not None and not p.alive() and self.relaunch_dead and not self._closed \
                 and s.relaunches < 3:
             # Same port, so the URL stays; it rejoins (after catch-up) once READY.
             s.relaunches += 1
             port = urllib.parse.urlsplit(s.url).port
-            logger.warning("relaunching rollout server %s (attempt %d)", s.url, s.relaunches)
+            self._note(f"relaunching rollout server {s.url} (attempt {s.relaunches})")
             p.start(port=port)
 
     def _refresh(self) -> None:
@@ -505,6 +389,7 @@ class RemoteRollout(CopyBackedRollout):
                 logger.info("rollout server %s back at version %d", s.url, self.version)
             except ServerFailure as e:
                 s.last_error = str(e)
+                self._relaunch_if_dead(s)
 
         down = [s for s in self.servers if not s.up]
         for f in [self._pool.submit(check, s) for s in down]:
@@ -613,6 +498,7 @@ class RemoteRollout(CopyBackedRollout):
             versions += [v] * len(got)
             where += [url] * len(got)
         self.redispatched_groups += redispatched
+        self._flush_notes()
         self.last_rollout_stats = {
             "seconds": time.perf_counter() - t_start, "rounds": rnd,
             "redispatched_groups": redispatched, "controller_overhead_seconds": overhead,
@@ -634,7 +520,7 @@ class RemoteRollout(CopyBackedRollout):
                 "base weights or use full fine-tuning"
             )
         t0 = time.perf_counter()
-        payload = pack(flat_numpy_params(params), self.chunk_bytes)
+        payload = pack(flat_numpy_params(params, self.server_dtype), self.chunk_bytes)
         t_pack = time.perf_counter() - t0
         version = self.version + 1 if version is None else int(version)
         targets = [s for s in self.servers if s.up]
@@ -661,6 +547,7 @@ class RemoteRollout(CopyBackedRollout):
             version=version, seconds=time.perf_counter() - t0, bytes=payload.total_bytes,
             pack_seconds=t_pack, servers=sorted(per), failed=failed, per_server_seconds=per,
         )
+        self._flush_notes()
         if _copy:
             self.update_copy(params)
 
@@ -698,6 +585,7 @@ class RemoteRollout(CopyBackedRollout):
                 probe.params_from_json(out["params"]), probe.logits_from_json(out["logits"])))
         if not reports:
             raise AllServersDownError(self._down_message())
+        self._flush_notes()
         return sorted(reports, key=lambda r: r.where)
 
     def close(self) -> None:
