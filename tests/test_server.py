@@ -766,6 +766,8 @@ def test_engine_death_exits_for_a_restart(model_dir):
         port = url.rsplit(":", 1)[1]
         with httpx.Client(base_url=url, timeout=60) as c:
             for headers in ({"host": "evil.example"}, {"host": f"evil.example:{port}"},
+                            {"host": "127.0.0.1.evil.example"}, {"host": "localhost:80@evil"},
+                            {"host": "[::1"},  # unclosed: was a bare 500 (urlsplit raised)
                             {"origin": "http://evil.example"}, {"origin": "null"}):
                 r = c.post("/pause", headers=headers)
                 one_line_error(r, 403)
