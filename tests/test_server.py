@@ -197,6 +197,9 @@ def test_non_loopback_without_token_refused(capsys, monkeypatch):
     check_bind("0.0.0.0", "tok")  # allowed with a token
     assert serve_main(_serve_args("--host", "0.0.0.0")) == 2  # before binding anything
     assert "needs a shared token" in capsys.readouterr().err
+    for port in ("70000", "-5"):  # were an OverflowError traceback from socket.bind
+        assert serve_main(_serve_args("--port", port)) == 2
+        assert "--port" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("token", ["a", " " * 20, "only-15-chars!!", "ünïcödé-tøkën-xyz",
