@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import socket
+import threading
 import time
 import zlib
 
@@ -42,7 +43,7 @@ from tunix_sglang.weights_wire import (  # noqa: E402
 )
 
 TOKEN = "s3cret-test-token"
-MAX_PROMPT, MAX_NEW, IDLE_S = 32, 8, 5
+MAX_PROMPT, MAX_NEW, IDLE_S = 32, 8, 4
 PROMPT = [11, 23, 42, 7]
 CHUNK = 64 << 10
 
@@ -398,8 +399,10 @@ def test_nan_and_infinity_in_json_are_a_clean_422(raw, root):
                                                    "version": 10**6}), 422)
 
 
-def _send_slowly(server, path: str, parts: list[bytes], total: int) -> tuple[int, bytes]:
-    """PUT with Content-Length `total`, the body in separate sends (a streamed client)."""
+def _send_slowly(server, path: str, parts: list[bytes], total: int,
+                 pause: float = 0.3) -> tuple[int, bytes]:
+    """PUT with Content-Length `total`, the body in separate sends `pause` s apart (a streamed
+    client)."""
     import http.client
     import urllib.parse
 
@@ -410,9 +413,9 @@ def _send_slowly(server, path: str, parts: list[bytes], total: int) -> tuple[int
         conn.putheader("authorization", f"Bearer {TOKEN}")
         conn.putheader("content-length", str(total))
         conn.endheaders()
-        for part in parts:
+        for i, part in enumerate(parts):
+            time.sleep(pause if i else 0)
             conn.send(part)
-            time.sleep(0.3)
         r = conn.getresponse()
         return r.status, r.read()
     except (BrokenPipeError, ConnectionResetError):
@@ -490,7 +493,7 @@ def test_exact_shapes_and_dtypes(raw, flat, trainer):
     assert_serves(raw, trainer)
 
 
-def test_upload_memory_is_bounded_and_expires(raw, flat, root):
+def test_upload_memory_is_bounded_and_expires(raw, flat, root, server):
     """Finding 5: a 1 GiB begin pinned 1 GiB of RSS forever; a 1 GiB /weights/load with wrong
     names left RSS 1 GiB higher."""
     v = version(raw)
@@ -517,10 +520,31 @@ def test_upload_memory_is_bounded_and_expires(raw, flat, root):
     assert raw.put(f"/weights/uploads/{uid}/chunks/0",
                    content=bytes(good.chunk(0))).status_code == 200
     assert raw.get("/health").json()["uploading"] is True
+    # A chunk still arriving is not idleness: its parts spread over more than
+    # --upload-idle-seconds (the upload was dropped under it: a 500 from a closed buffer).
+    c1 = bytes(good.chunk(1))
+    parts = [c1[:100], c1[100:200], c1[200:]]  # the last arrives 1 s after the idle limit
+    status, body = _send_slowly(server, f"/weights/uploads/{uid}/chunks/1", parts, len(c1),
+                                pause=(IDLE_S + 1) / 2)
+    assert status == 200 and json.loads(body)["remaining"] == good.manifest.num_chunks - 2
     time.sleep(IDLE_S + 1.5)
     assert raw.get("/health").json()["uploading"] is False
-    r = raw.put(f"/weights/uploads/{uid}/chunks/1", content=bytes(good.chunk(1)))
+    r = raw.put(f"/weights/uploads/{uid}/chunks/2", content=bytes(good.chunk(2)))
     assert "idle" in one_line_error(r, 404)
+    # A chunk still arriving when a new upload replaces its own: one line, 404 (was a 500).
+    uid = raw.post("/weights/uploads", json={"version": v + 1, "manifest":
+                                             good.manifest.as_json()}).json()["upload_id"]
+    c0, got = bytes(good.chunk(0)), []
+    t = threading.Thread(target=lambda: got.append(_send_slowly(
+        server, f"/weights/uploads/{uid}/chunks/0", [c0[:100], c0[100:]], len(c0), pause=1.0)))
+    t.start()
+    time.sleep(0.3)
+    new = raw.post("/weights/uploads", json={"version": v + 1, "manifest":
+                                             good.manifest.as_json()}).json()["upload_id"]
+    t.join()
+    status, body = got[0]
+    assert status == 404 and b"replaced" in body and len(body.splitlines()) == 1, body
+    assert raw.delete(f"/weights/uploads/{new}").status_code == 200
 
 
 def test_load_only_under_root(raw, flat, trainer, root, model_dir, tmp_path):

@@ -233,6 +233,7 @@ class ServerState:
                 scratch[n:n + len(part)] = part
                 crc = zlib.crc32(part, crc)
                 n += len(part)
+                up.touched = time.monotonic()  # idle means nothing arrives, not a slow chunk
             up.put_chunk(index, scratch[:n], crc)
         finally:
             self._chunk_slots.release()
