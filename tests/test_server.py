@@ -35,6 +35,8 @@ from tunix_sglang.server_guard import check_bind, is_loopback  # noqa: E402
 from tunix_sglang.tiny_model import ensure_tiny_model  # noqa: E402
 from tunix_sglang.weights_wire import (  # noqa: E402
     Receiver,
+    UnknownUpload,
+    UploadStore,
     WireError,
     flat_numpy_params,
     pack,
@@ -277,6 +279,30 @@ def test_receiver_memory_follows_chunks_and_commit_rechecks():
         up.seal()
     up.release()
     assert _rss_mib() - before < 16
+
+
+def test_commit_or_abort_of_an_upload_just_gone_idle_answers():
+    """take()/abort() held the store's lock while get() swept the idle upload under the same
+    lock: a commit in the half second before the server's own sweep deadlocked the store (and
+    the engine-watch thread that sweeps it)."""
+    m = pack({"w": np.zeros(4, np.float32)}).manifest
+    for op in ("take", "abort"):
+        store = UploadStore(0.05)
+        store.begin(m, 1, "u")
+        time.sleep(0.1)
+        raised = []
+
+        def call(store=store, op=op, raised=raised):
+            try:
+                getattr(store, op)("u")
+            except UnknownUpload as e:
+                raised.append(str(e))
+
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), f"{op} deadlocked"
+        assert raised and "idle" in raised[0] and not store.active
 
 
 # -- served ---------------------------------------------------------------------------------

@@ -324,7 +324,8 @@ class UploadStore:
 
     def __init__(self, idle_seconds: float):
         self.idle_seconds = float(idle_seconds)
-        self._lock = threading.Lock()
+        # Re-entrant: take() and abort() hold it while get() sweeps an upload gone idle.
+        self._lock = threading.RLock()
         self._up: Receiver | None = None
 
     @property
