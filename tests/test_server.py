@@ -10,6 +10,7 @@ shows an engine death and the loopback-only mode.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -50,15 +51,29 @@ PROMPT = [11, 23, 42, 7]
 CHUNK = 64 << 10
 
 
-def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
+@functools.cache
+def _causal_logits():
+    """The model's logits over a [1, T] sequence, causal mask, compiled once per T (padding
+    after the live tokens changes no earlier position's logits)."""
     import jax.numpy as jnp
+    from flax import nnx
+
+    @nnx.jit
+    def logits(model, seq):
+        t = seq.shape[1]
+        return model(seq, jnp.arange(t)[None], None, jnp.tril(jnp.ones((t, t), bool))[None])[0]
+
+    return logits
+
+
+def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
+    import numpy as np
 
     seq = list(prompt)
+    width = MAX_PROMPT + MAX_NEW  # one shape for every call: one compile, not eager op by op
     for _ in range(n):
-        t = len(seq)
-        logits, _ = model(jnp.asarray([seq]), jnp.arange(t)[None], None,
-                          jnp.tril(jnp.ones((t, t), bool))[None])
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        logits = _causal_logits()(model, np.asarray([seq + [0] * (width - len(seq))]))
+        seq.append(int(np.argmax(logits[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
