@@ -72,3 +72,25 @@ def test_target_is_checked(tmp_path, monkeypatch):
     yaml.write_text("target: tpu-v4-9\n")
     with pytest.raises(UserError, match="target 'tpu-v4-9' is unknown; use one of tpu-v4-8"):
         build_config(str(yaml), {})
+
+
+@pytest.mark.parametrize("text, match", [
+    ("model: [Qwen/Qwen3-0.6B]\n", "model: .* must be a single value"),  # was a TypeError
+    ("data: [gsm8k]\n", "data: .* must be a single value"),  # unhashable in a dict lookup
+    ("1: 2\n", r"unknown keys \['1'\]"),  # was an AttributeError on the key
+])
+def test_yaml_of_the_wrong_shape_is_one_line(text, match, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNIX_SGLANG_EMBEDDED_MODEL", "random")
+    yaml = tmp_path / "r.yaml"
+    yaml.write_text(text)
+    with pytest.raises(UserError, match=match):
+        build_config(str(yaml), {})
+
+
+def test_yaml_list_of_rollout_servers(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNIX_SGLANG_EMBEDDED_MODEL", "random")
+    yaml = tmp_path / "r.yaml"
+    yaml.write_text("rollout_engine: sglang_jax_remote\nrollout_servers: [http://a:1, "
+                    "http://b:2]\ndata_path: 2024\n")
+    cfg = build_config(str(yaml), {})
+    assert (cfg.rollout_servers, cfg.data_path) == ("http://a:1,http://b:2", "2024")

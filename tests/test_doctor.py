@@ -120,6 +120,28 @@ def test_lockfile_held_then_stale(tmp_path):
     assert tpu_lock.check_tpu_lock(lock, env={}).status == "OK"
 
 
+def test_stale_lockfile_is_removed_under_our_lock(tmp_path, monkeypatch):
+    """--fix unlinks while holding the lockf lock libtpu takes, so a libtpu starting at that
+    moment is refused rather than losing its file. (The holder check's F_GETLK probe opened
+    and closed the file, which silently dropped that lock.)"""
+    lock = tmp_path / "libtpu_lockfile"
+    lock.write_text("")
+    try_lock = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+                "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                "    print('got it')\nexcept OSError:\n    print('held')\n")
+    seen = []
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **kw):  # what another process finds at the moment of the unlink
+        seen.append(subprocess.run([sys.executable, "-c", try_lock, path], capture_output=True,
+                                   text=True, timeout=60).stdout.strip())
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert tpu_lock.remove_stale_lockfile(str(lock)) == "removed"
+    assert seen == ["held"] and not lock.exists()
+
+
 def test_pathways_missing_module(monkeypatch):
     monkeypatch.delitem(sys.modules, "pathwaysutils", raising=False)
     check = doctor.check_pathways({"JAX_PLATFORMS": "proxy"})

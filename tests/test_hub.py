@@ -5,14 +5,17 @@ Hugging Face cache is used as it is; one that is neither cached nor reachable is
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, hf_cache_with
 
 from tunix_sglang.errors import UserError
 from tunix_sglang.hub import check_name
+from tunix_sglang.models import inspect_model_dir
 
 NAME = "tiny-org/tiny-qwen3"
 
@@ -62,14 +65,43 @@ def test_neither_cached_nor_reachable_is_one_line(command, run_cli, tmp_path):
     assert "huggingface-cli download" in err[0] and "--local-model-dir" in err[0], err[0]
 
 
+def shard_in_two(model_dir: Path) -> Path:
+    """Split the weights into two shards with an index, as large checkpoints ship; returns
+    the second shard."""
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(str(model_dir / "model.safetensors"))
+    (model_dir / "model.safetensors").unlink()
+    names = sorted(weights)
+    weight_map = {}
+    for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:]), 1):
+        shard = f"model-0000{i}-of-00002.safetensors"
+        save_file({k: weights[k] for k in part}, str(model_dir / shard))
+        weight_map |= dict.fromkeys(part, shard)
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": weight_map}))
+    return model_dir / shard
+
+
 def test_incomplete_cached_copy_is_one_line(tiny_dir, tmp_path, run_cli):
+    """An interrupted download, offline: one shard of two (was a ValueError traceback from
+    Tunix's loader, about a ShapeDtypeStruct, after the model had started loading)."""
     snapshot = hf_cache_with(tiny_dir, tmp_path / "hf", NAME)
-    for weights in snapshot.glob("*.safetensors"):
-        weights.unlink()
+    shard_in_two(snapshot).unlink()
     p = run_cli("eval", "--model", NAME, "--limit", "1", timeout=180,
                 env=no_hub(tmp_path / "hf"))
     err = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(err) == 1 and "incomplete" in err[0], p.stderr[-2000:]
+
+
+def test_local_model_dir_missing_a_shard(tiny_dir, tmp_path):
+    local = Path(shutil.copytree(tiny_dir, tmp_path / "m"))
+    second = shard_in_two(local)
+    inspect_model_dir(local)  # complete: fine
+    second.unlink()
+    with pytest.raises(UserError, match="1 weight files its model.safetensors.index.json "
+                                        "lists are missing"):
+        inspect_model_dir(local)
 
 
 def test_model_names_are_checked(tmp_path):

@@ -186,24 +186,42 @@ def gsm8k_dir(tmp_path_factory) -> Path:
 LAYOUT = {"qwen3-4b-gsm8k-v4-8.yaml": (0, 4), "qwen3-4b-gsm8k-v4-16.yaml": (2, 2),
           "qwen3-4b-gsm8k-v4-16-vanilla.yaml": (2, 2), "qwen3-4b-gsm8k-remote.yaml": (0, 2),
           "qwen3-0.6b-gsm8k-v5e-8.yaml": (0, 2)}
+SMALLEST = "qwen3-0.6b-gsm8k-v5e-8.yaml"  # the quickest variant: one process, its checkpoint
+
+
+@pytest.fixture(scope="module")
+def variant_run(cli_env, tiny_hub, gsm8k_dir, tmp_path_factory):
+    """`variant_run(name)`: the embedded-size variant of recipe `name` trained one step (once
+    per module: the eval test reuses a run's checkpoint); (process, output dir)."""
+    runs: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
+
+    def run(name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        if name in runs:
+            return runs[name]
+        recipe = build_config(str(REPO / "recipes" / name), {})
+        out = tmp_path_factory.mktemp("run") / "run"
+        args = ["train", "--config", f"recipes/{name}", "--model", "tiny-org/tiny-qwen3",
+                *SHRUNK, "--data-path", str(gsm8k_dir), "--output-dir", str(out)]
+        if recipe.rollout_engine == "sglang_jax_remote":
+            args += ["--launch-servers", "1"]  # replaces the recipe's server URLs
+        procs, per = LAYOUT[name]
+        env = {**cli_env, **offline_env(tiny_hub),
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={per}"}
+        if procs:
+            args = ["launch", "--num-processes", str(procs), "--devices-per-process", str(per),
+                    "--", *args]
+        runs[name] = subprocess.run(cli_cmd(*args), capture_output=True, text=True,
+                                    timeout=900, env=env, cwd=REPO), out
+        return runs[name]
+
+    return run
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_embedded_size_variant_runs_one_step(name, cli_env, tiny_hub, gsm8k_dir, tmp_path):
+def test_embedded_size_variant_runs_one_step(name, variant_run):
     recipe = build_config(str(REPO / "recipes" / name), {})
-    out = tmp_path / "run"
-    args = ["train", "--config", f"recipes/{name}", "--model", "tiny-org/tiny-qwen3", *SHRUNK,
-            "--data-path", str(gsm8k_dir), "--output-dir", str(out)]
-    if recipe.rollout_engine == "sglang_jax_remote":
-        args += ["--launch-servers", "1"]  # replaces the recipe's server URLs
-    procs, per = LAYOUT[name]
-    env = {**cli_env, **offline_env(tiny_hub),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={per}"}
-    if procs:
-        args = ["launch", "--num-processes", str(procs), "--devices-per-process", str(per),
-                "--", *args]
-    p = subprocess.run(cli_cmd(*args), capture_output=True, text=True, timeout=900, env=env,
-                       cwd=REPO)
+    p, out = variant_run(name)
+    procs, _ = LAYOUT[name]
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     saved = json.loads((out / "config.json").read_text())
     for key in ("rollout_engine", "rollout_devices", "dtype", "multihost_mode", "target",
@@ -216,18 +234,17 @@ def test_embedded_size_variant_runs_one_step(name, cli_env, tiny_hub, gsm8k_dir,
     assert len(list(out.glob("metrics.process*.jsonl"))) == max(0, procs - 1)
 
 
-def test_relative_run_dir_in_eval(run_cli, tmp_path, tiny_hub, gsm8k_dir):
-    """`eval --run-dir runs/...` (relative, as train prints it) works: Orbax gets it absolute."""
-    out = tmp_path / "run"
-    env = offline_env(tiny_hub)
-    p = run_cli("train", "--model", "tiny-org/tiny-qwen3", "--rollout-engine", "vanilla",
-                "--steps", "1", "--eval-limit", "0", "--max-new-tokens", "8",
-                "--output-dir", str(out), env=env)
+def test_relative_run_dir_in_eval(run_cli, variant_run, tiny_hub, gsm8k_dir):
+    """`eval --run-dir runs/...` (relative, as train prints it) works: Orbax gets it absolute.
+    The run is a recipe variant's (trained once for both tests)."""
+    p, out = variant_run(SMALLEST)
     assert p.returncode == 0, p.stderr[-3000:]
+    env = offline_env(tiny_hub)
     rel = os.path.relpath(out, REPO)
     assert not Path(rel).is_absolute()
     p = run_cli("eval", "--run-dir", rel, "--data", "gsm8k", "--data-path", str(gsm8k_dir),
-                "--max-new-tokens", "8", "--max-prompt-length", "128", env=env)
+                "--rollout-engine", "vanilla", "--max-new-tokens", "8",
+                "--max-prompt-length", "128", env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"eval [{rel} step 1]" in p.stdout and p.stdout.rstrip().endswith("n=4")
     # Prompts over --max-prompt-length are skipped, counted, with the flag that keeps them.

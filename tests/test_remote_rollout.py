@@ -232,9 +232,10 @@ def test_restart_catches_up_before_work(rollout, tok, actor):
 
 
 def test_engine_death_is_a_dead_server(rollout, tok, actor):
-    """A server whose engine dies mid-rollout answers 503 and exits (status 3): its work is
-    re-dispatched, it is relaunched, brought to the current version, then given work."""
-    victim = rollout.servers[1]
+    """A server whose engine dies mid-rollout answers 503 and exits (status 3): it is
+    relaunched at once, and with no other server the rollout waits for it (it ended the run
+    before), brings it to the current version and re-runs its groups there."""
+    survivor, victim = rollout.servers
     old = victim.launched
     args = list(old.args)
     args[args.index("--port") + 1] = victim.url.rsplit(":", 1)[1]
@@ -242,24 +243,23 @@ def test_engine_death_is_a_dead_server(rollout, tok, actor):
     # Started anew with the fault armed: its engine dies on its first generate.
     victim.launched = LaunchedServer(args, {**old.env, faults.ENV: "server_engine_death@1"})
     victim.launched.wait_ready(180)
+    dying = victim.launched.proc
     rollout._mark_down(victim, "restarted by the test")  # noqa: SLF001 (seen down once)
-    prompts = repeated()
-    out = rollout.generate(prompts, rollout_config(tok))
+    rollout.servers = [victim]  # the only server
+    try:
+        prompts = repeated()
+        out = rollout.generate(prompts, rollout_config(tok))
+    finally:
+        rollout.servers = [survivor, victim]
     check_output(out, rollout, tok, actor, prompts)
     stats = rollout.last_rollout_stats
-    assert stats["redispatched_groups"] > 0 and stats["rounds"] == 2
-    assert "engine died" in victim.last_error and not victim.up
-    assert victim.launched.proc.wait(30) == 3
-    dead_pid = victim.launched.pid
-    # The next rollout relaunches it (without the fault); it works on the survivor meanwhile.
-    out = rollout.generate(prompts, rollout_config(tok))
-    check_output(out, rollout, tok, actor, prompts)
-    assert victim.launched.pid != dead_pid
-    assert faults.ENV not in victim.launched.env
-    victim.launched.wait_ready(180)
-    out = rollout.generate(prompts, rollout_config(tok))
+    assert stats["redispatched_groups"] == len(PROMPTS) and stats["rounds"] == 2
+    assert dying.poll() == 3 and victim.launched.proc is not dying
+    assert faults.ENV not in victim.launched.env  # the relaunch runs without the fault
     assert victim.up and victim.version == rollout.weight_version
-    assert victim.url in rollout.last_servers
+    assert rollout.last_servers == [victim.url] * len(prompts)
+    out = rollout.generate(prompts, rollout_config(tok))  # both servers again
+    assert set(rollout.last_servers) == {survivor.url, victim.url}
     check_output(out, rollout, tok, actor, prompts)
 
 

@@ -10,11 +10,13 @@ shows an engine death and the loopback-only mode.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
 import shutil
 import socket
+import threading
 import time
 import zlib
 
@@ -34,6 +36,8 @@ from tunix_sglang.server_guard import check_bind, is_loopback  # noqa: E402
 from tunix_sglang.tiny_model import ensure_tiny_model  # noqa: E402
 from tunix_sglang.weights_wire import (  # noqa: E402
     Receiver,
+    UnknownUpload,
+    UploadStore,
     WireError,
     flat_numpy_params,
     pack,
@@ -42,20 +46,34 @@ from tunix_sglang.weights_wire import (  # noqa: E402
 )
 
 TOKEN = "s3cret-test-token"
-MAX_PROMPT, MAX_NEW, IDLE_S = 32, 8, 5
+MAX_PROMPT, MAX_NEW, IDLE_S = 32, 8, 4
 PROMPT = [11, 23, 42, 7]
 CHUNK = 64 << 10
 
 
-def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
+@functools.cache
+def _causal_logits():
+    """The model's logits over a [1, T] sequence, causal mask, compiled once per T (padding
+    after the live tokens changes no earlier position's logits)."""
     import jax.numpy as jnp
+    from flax import nnx
+
+    @nnx.jit
+    def logits(model, seq):
+        t = seq.shape[1]
+        return model(seq, jnp.arange(t)[None], None, jnp.tril(jnp.ones((t, t), bool))[None])[0]
+
+    return logits
+
+
+def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
+    import numpy as np
 
     seq = list(prompt)
+    width = MAX_PROMPT + MAX_NEW  # one shape for every call: one compile, not eager op by op
     for _ in range(n):
-        t = len(seq)
-        logits, _ = model(jnp.asarray([seq]), jnp.arange(t)[None], None,
-                          jnp.tril(jnp.ones((t, t), bool))[None])
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        logits = _causal_logits()(model, np.asarray([seq + [0] * (width - len(seq))]))
+        seq.append(int(np.argmax(logits[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
@@ -197,6 +215,9 @@ def test_non_loopback_without_token_refused(capsys, monkeypatch):
     check_bind("0.0.0.0", "tok")  # allowed with a token
     assert serve_main(_serve_args("--host", "0.0.0.0")) == 2  # before binding anything
     assert "needs a shared token" in capsys.readouterr().err
+    for port in ("70000", "-5"):  # were an OverflowError traceback from socket.bind
+        assert serve_main(_serve_args("--port", port)) == 2
+        assert "--port" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("token", ["a", " " * 20, "only-15-chars!!", "ünïcödé-tøkën-xyz",
@@ -273,6 +294,30 @@ def test_receiver_memory_follows_chunks_and_commit_rechecks():
         up.seal()
     up.release()
     assert _rss_mib() - before < 16
+
+
+def test_commit_or_abort_of_an_upload_just_gone_idle_answers():
+    """take()/abort() held the store's lock while get() swept the idle upload under the same
+    lock: a commit in the half second before the server's own sweep deadlocked the store (and
+    the engine-watch thread that sweeps it)."""
+    m = pack({"w": np.zeros(4, np.float32)}).manifest
+    for op in ("take", "abort"):
+        store = UploadStore(0.05)
+        store.begin(m, 1, "u")
+        time.sleep(0.1)
+        raised = []
+
+        def call(store=store, op=op, raised=raised):
+            try:
+                getattr(store, op)("u")
+            except UnknownUpload as e:
+                raised.append(str(e))
+
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), f"{op} deadlocked"
+        assert raised and "idle" in raised[0] and not store.active
 
 
 # -- served ---------------------------------------------------------------------------------
@@ -422,8 +467,10 @@ def test_nan_and_infinity_in_json_are_a_clean_422(raw, root):
                                                    "version": 10**6}), 422)
 
 
-def _send_slowly(server, path: str, parts: list[bytes], total: int) -> tuple[int, bytes]:
-    """PUT with Content-Length `total`, the body in separate sends (a streamed client)."""
+def _send_slowly(server, path: str, parts: list[bytes], total: int,
+                 pause: float = 0.3) -> tuple[int, bytes]:
+    """PUT with Content-Length `total`, the body in separate sends `pause` s apart (a streamed
+    client)."""
     import http.client
     import urllib.parse
 
@@ -434,9 +481,9 @@ def _send_slowly(server, path: str, parts: list[bytes], total: int) -> tuple[int
         conn.putheader("authorization", f"Bearer {TOKEN}")
         conn.putheader("content-length", str(total))
         conn.endheaders()
-        for part in parts:
+        for i, part in enumerate(parts):
+            time.sleep(pause if i else 0)
             conn.send(part)
-            time.sleep(0.3)
         r = conn.getresponse()
         return r.status, r.read()
     except (BrokenPipeError, ConnectionResetError):
@@ -514,7 +561,7 @@ def test_exact_shapes_and_dtypes(raw, flat, trainer):
     assert_serves(raw, trainer)
 
 
-def test_upload_memory_is_bounded_and_expires(raw, flat, root):
+def test_upload_memory_is_bounded_and_expires(raw, flat, root, server):
     """Finding 5: a 1 GiB begin pinned 1 GiB of RSS forever; a 1 GiB /weights/load with wrong
     names left RSS 1 GiB higher."""
     v = version(raw)
@@ -541,10 +588,31 @@ def test_upload_memory_is_bounded_and_expires(raw, flat, root):
     assert raw.put(f"/weights/uploads/{uid}/chunks/0",
                    content=bytes(good.chunk(0))).status_code == 200
     assert raw.get("/health").json()["uploading"] is True
+    # A chunk still arriving is not idleness: its parts spread over more than
+    # --upload-idle-seconds (the upload was dropped under it: a 500 from a closed buffer).
+    c1 = bytes(good.chunk(1))
+    parts = [c1[:100], c1[100:200], c1[200:]]  # the last arrives 1 s after the idle limit
+    status, body = _send_slowly(server, f"/weights/uploads/{uid}/chunks/1", parts, len(c1),
+                                pause=(IDLE_S + 1) / 2)
+    assert status == 200 and json.loads(body)["remaining"] == good.manifest.num_chunks - 2
     time.sleep(IDLE_S + 1.5)
     assert raw.get("/health").json()["uploading"] is False
-    r = raw.put(f"/weights/uploads/{uid}/chunks/1", content=bytes(good.chunk(1)))
+    r = raw.put(f"/weights/uploads/{uid}/chunks/2", content=bytes(good.chunk(2)))
     assert "idle" in one_line_error(r, 404)
+    # A chunk still arriving when a new upload replaces its own: one line, 404 (was a 500).
+    uid = raw.post("/weights/uploads", json={"version": v + 1, "manifest":
+                                             good.manifest.as_json()}).json()["upload_id"]
+    c0, got = bytes(good.chunk(0)), []
+    t = threading.Thread(target=lambda: got.append(_send_slowly(
+        server, f"/weights/uploads/{uid}/chunks/0", [c0[:100], c0[100:]], len(c0), pause=1.0)))
+    t.start()
+    time.sleep(0.3)
+    new = raw.post("/weights/uploads", json={"version": v + 1, "manifest":
+                                             good.manifest.as_json()}).json()["upload_id"]
+    t.join()
+    status, body = got[0]
+    assert status == 404 and b"replaced" in body and len(body.splitlines()) == 1, body
+    assert raw.delete(f"/weights/uploads/{new}").status_code == 200
 
 
 def test_load_only_under_root(raw, flat, trainer, root, model_dir, tmp_path):
@@ -793,6 +861,8 @@ def test_engine_death_exits_for_a_restart(model_dir):
         port = url.rsplit(":", 1)[1]
         with httpx.Client(base_url=url, timeout=60) as c:
             for headers in ({"host": "evil.example"}, {"host": f"evil.example:{port}"},
+                            {"host": "127.0.0.1.evil.example"}, {"host": "localhost:80@evil"},
+                            {"host": "[::1"},  # unclosed: was a bare 500 (urlsplit raised)
                             {"origin": "http://evil.example"}, {"origin": "null"}):
                 r = c.post("/pause", headers=headers)
                 one_line_error(r, 403)

@@ -190,7 +190,7 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise UserError(f"--config {path}: must be a mapping of keys to values")
-    norm = {k.replace("-", "_"): v for k, v in raw.items()}
+    norm = {str(k).replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(norm) - set(field_names()))
     if unknown:
         raise UserError(f"--config {path}: unknown keys {unknown}; known: {field_names()}")
@@ -209,6 +209,15 @@ def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfi
             for k in group:
                 values.pop(k, None)
     values.update(given)
+    text = {f.name for f in dataclasses.fields(TrainConfig)
+            if f.default is None or isinstance(f.default, str)}
+    for name in text & set(values):  # YAML may give lists, numbers, mappings
+        v = values[name]
+        if name == "rollout_servers" and isinstance(v, list):
+            v = ",".join(map(str, v))  # the YAML list form of URL,URL
+        if isinstance(v, (list, dict)):
+            raise UserError(f"{name}: {v!r} must be a single value, not a list or mapping")
+        values[name] = v if v is None else str(v)
     if not values.get("local_model_dir") and not values.get("model") and embedded_is_warm():
         values = {**EMBEDDED_DEFAULTS, **values}
     values.setdefault("max_prompt_length", PROMPT_LENGTH.get(values.get("data", "synthetic"),

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from tunix_sglang.errors import UserError
+from tunix_sglang.models import missing_weight_files
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # What a model directory needs (models.inspect_model_dir); no other formats, no extras.
@@ -73,9 +74,10 @@ def fetch(name: str) -> Path:
     except LocalEntryNotFoundError:
         raise _unavailable(name, f"not in the Hugging Face cache ({_cache_dir()}) and the "
                            "hub cannot be reached") from None
-    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
+    if (not (path / "config.json").is_file() or not list(path.glob("*.safetensors"))
+            or missing_weight_files(path)):
         raise _unavailable(name, f"the cached copy {path} is incomplete (config.json or "
-                           "*.safetensors missing) and the hub cannot be reached to finish it")
+                           "weight files missing) and the hub cannot be reached to finish it")
     return path
 
 

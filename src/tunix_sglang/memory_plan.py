@@ -243,7 +243,10 @@ def _evaluate(
     parts["gradients"] = grads
     parts["optimizer state (AdamW mu, nu)"] = opt
     # Training forward/backward without remat: saved per-layer activations, attention
-    # probabilities (float32) and float32 logits with their gradient. An estimate.
+    # probabilities (float32) and float32 logits with their gradient. An estimate, and not a
+    # generous one: XLA's CPU buffer assignment for this gradient at Qwen3-4B's widths
+    # (float32, 2 x 768 tokens; bench/memory_plan_check.py) takes 0.62 GiB per layer where
+    # this gives 0.40, and 1.84 GiB for the logits where this gives 1.74. No TPU measurement.
     per_dev_tokens = math.ceil(tokens / n_train)
     act = per_dev_tokens * shape.num_layers * (
         6 * shape.hidden_size + 3 * shape.intermediate_size) * dbytes

@@ -241,6 +241,7 @@ class ServerState:
                 scratch[n:n + len(part)] = part
                 crc = zlib.crc32(part, crc)
                 n += len(part)
+                up.touched = time.monotonic()  # idle means nothing arrives, not a slow chunk
             up.put_chunk(index, scratch[:n], crc)
         finally:
             self._chunk_slots.release()
@@ -482,7 +483,8 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise UserError(
-            f"serve: cannot bind {host}:{port} ({e.strerror}); pick another --port"
+            f"serve: cannot bind {host}:{port} ({e.strerror}); check --host, or pick another "
+            "--port"
         ) from None
     # No listen() yet: the port is reserved, but clients get "connection refused" (not a
     # hang) until uvicorn serves it (asyncio's create_server calls listen()).
@@ -523,6 +525,8 @@ def _serve(args: argparse.Namespace) -> int:
                  "max_request_bytes", "upload_idle_seconds"):
         if not getattr(args, name) > 0:
             raise UserError(f"serve --{name.replace('_', '-')} must be > 0")
+    if not 0 <= args.port <= 65535:  # socket.bind raises OverflowError (a traceback)
+        raise UserError(f"serve --port {args.port}: use 0..65535 (0: a free port)")
     if args.weights_root is not None and not Path(args.weights_root).is_dir():
         raise UserError(f"serve --weights-root {args.weights_root}: not a directory")
     faults.active()  # a mistyped TUNIX_SGLANG_INJECT_FAULT fails here, not mid-run

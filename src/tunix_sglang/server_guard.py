@@ -60,10 +60,10 @@ def check_token(token: str, where: str) -> None:
 
 
 def host_of(value: str) -> str:
-    """The host name in a Host header value (`name`, `name:port`, `[v6]:port`)."""
-    parsed = urllib.parse.urlsplit("//" + value)
+    """The host name in a Host header value (`name`, `name:port`, `[v6]:port`); "" for a
+    value that is none of these (urlsplit raises on an unclosed `[`)."""
     try:
-        return parsed.hostname or ""
+        return urllib.parse.urlsplit("//" + value).hostname or ""
     except ValueError:
         return ""
 
@@ -166,6 +166,8 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(request, exc: Exception):
-        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        # scope["path"], not request.url: the URL is rebuilt from the Host header, which
+        # may be malformed (the crash would then be the handler's own).
+        logger.error("%s %s failed", request.method, request.scope["path"], exc_info=exc)
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the "
                              "server log"}, 500)

@@ -103,10 +103,14 @@ def _open_by(path: str) -> list[int]:
     return pids
 
 
-def lock_holders(path: str = DEFAULT_LOCKFILE) -> list[LockHolder]:
-    """Live processes that lock or hold open the libtpu lockfile (this process excluded)."""
+def lock_holders(path: str = DEFAULT_LOCKFILE, probe: bool = True) -> list[LockHolder]:
+    """Live processes that lock or hold open the libtpu lockfile (this process excluded).
+
+    `probe=False` skips the F_GETLK probe, which opens and closes the file: closing any
+    descriptor of a file drops every POSIX lock this process holds on it.
+    """
     found: dict[int, str] = {}
-    pid = _posix_lock_pid(path)
+    pid = _posix_lock_pid(path) if probe else None
     if pid:
         found[pid] = "lockf"
     for pid, kind in _proc_locks(path):
@@ -136,7 +140,7 @@ def remove_stale_lockfile(path: str = DEFAULT_LOCKFILE) -> str:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return "refused: a process holds the lock"
-        if lock_holders(path):
+        if lock_holders(path, probe=False):  # keeps our lock (see lock_holders)
             return "refused: a live process has it open"
         os.unlink(path)
         return "removed"

@@ -247,6 +247,7 @@ class Receiver:
         self.touched = time.monotonic()
         self._lock = threading.Lock()
         self._sealed = False
+        self._closed = False  # replaced, aborted or expired: chunks still arriving are refused
 
     def chunk_size(self, index: int) -> int:
         if not 0 <= index < self.manifest.num_chunks:
@@ -274,6 +275,9 @@ class Receiver:
             raise WireError(problem)
         a, b = self.manifest.chunk_range(index)
         with self._lock:
+            if self._closed:
+                raise UnknownUpload(f"upload {self.upload_id} was replaced, aborted or expired "
+                                    "while this chunk arrived")
             if self._sealed:
                 raise UnknownUpload(f"upload {self.upload_id} is already being committed")
             self.buffer[a:b] = data
@@ -305,8 +309,10 @@ class Receiver:
 
     def release(self) -> None:
         """Return the buffer to the OS now unless arrays still view it (then at their end)."""
-        with contextlib.suppress(BufferError):
-            self.buffer.close()
+        with self._lock:  # not while a chunk is being copied in
+            self._closed = True
+            with contextlib.suppress(BufferError):
+                self.buffer.close()
 
 
 class UploadStore:
@@ -318,7 +324,8 @@ class UploadStore:
 
     def __init__(self, idle_seconds: float):
         self.idle_seconds = float(idle_seconds)
-        self._lock = threading.Lock()
+        # Re-entrant: take() and abort() hold it while get() sweeps an upload gone idle.
+        self._lock = threading.RLock()
         self._up: Receiver | None = None
 
     @property

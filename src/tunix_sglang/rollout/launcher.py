@@ -2,7 +2,9 @@
 
 On 127.0.0.1, the controller's process as their parent (`--parent-pid`: they exit when it
 is gone), each announcing its URL on a READY line; stopped by PID (SIGTERM, then SIGKILL
-after a grace period), never by name. A relaunch keeps the port, so the URL stays.
+after a grace period), never by name. A relaunch keeps the port, so the URL stays; one after
+an engine death (the server exits with status 3 to ask for it) is marked `restarting`, so a
+controller with no other server waits for it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from typing import Any
 from tunix_sglang import faults
 from tunix_sglang.errors import UserError
 from tunix_sglang.server_guard import TOKEN_ENV
+from tunix_sglang.server_liveness import ENGINE_DIED_EXIT
+
+# A server whose engine died exits after its graceful shutdown (5 s) and the engine's.
+ENGINE_EXIT_WAIT = 30.0
 
 
 class LaunchedServer:
@@ -33,6 +39,7 @@ class LaunchedServer:
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self._ready = threading.Event()
         self.proc: subprocess.Popen | None = None
+        self.restarting = False  # relaunched after an engine death, not READY yet
         self.start()
 
     def start(self, port: int | None = None) -> None:
@@ -58,6 +65,18 @@ class LaunchedServer:
             if line.startswith("READY ") and proc is self.proc:
                 self.url = line.split()[1]
                 self._ready.set()
+
+    def relaunch(self, port: int | None, exiting: bool = False) -> bool:
+        """Start it again on `port` once its process is gone, waiting up to ENGINE_EXIT_WAIT
+        s for one `exiting` on its own (an engine death); False while it still runs."""
+        if exiting and self.alive():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(ENGINE_EXIT_WAIT)
+        if self.alive():
+            return False
+        self.restarting = self.proc.returncode == ENGINE_DIED_EXIT
+        self.start(port=port)
+        return True
 
     @property
     def pid(self) -> int:
@@ -124,6 +143,18 @@ def server_args(
         "--dtype", dtype, "--seed", str(seed), "--init-weights", init_weights,
         "--parent-pid", str(os.getpid()), *extra,
     ]
+
+
+def await_restarts(servers: Sequence[LaunchedServer | None], timeout: float) -> bool:
+    """Wait for the servers relaunched after an engine death to be READY; True if any is
+    (one that fails to start is stopped by wait_ready and stays down)."""
+    back = False
+    for p in servers:
+        if p is not None and p.restarting:
+            p.restarting = False
+            with contextlib.suppress(UserError):
+                back = bool(p.wait_ready(timeout)) or back
+    return back
 
 
 def launch_servers(

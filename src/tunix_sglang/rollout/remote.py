@@ -48,7 +48,7 @@ from tunix_sglang import probe
 from tunix_sglang.errors import UserError
 from tunix_sglang.probe.scoring import ProbeSequence
 from tunix_sglang.rollout.common import CopyBackedRollout, copy_params, seed_to_int
-from tunix_sglang.rollout.launcher import LaunchedServer, launch_servers
+from tunix_sglang.rollout.launcher import LaunchedServer, await_restarts, launch_servers
 from tunix_sglang.server_guard import TOKEN_ENV, check_token
 from tunix_sglang.weights_wire import DEFAULT_CHUNK_BYTES, Payload, flat_numpy_params, pack
 
@@ -64,9 +64,7 @@ class ServerFailure(Exception):
     """One server failed one call (down, timed out, refused); the controller routes around it."""
 
 
-# ---------------------------------------------------------------------------------------
-# One server
-# ---------------------------------------------------------------------------------------
+# -- One server ---------------------------------------------------------------------------
 
 
 class ServerClient:
@@ -167,9 +165,7 @@ class PushReport:
         return self.bytes / slowest if slowest > 0 else 0.0
 
 
-# ---------------------------------------------------------------------------------------
-# The controller
-# ---------------------------------------------------------------------------------------
+# -- The controller -----------------------------------------------------------------------
 
 
 def group_prompts(prompts: Sequence[Any]) -> list[tuple[int, int]]:
@@ -245,6 +241,7 @@ class RemoteRollout(CopyBackedRollout):
             check_token(self.token, "--server-token")
         self.request_timeout = float(request_timeout)
         self.rollout_timeout = float(rollout_timeout)
+        self.ready_timeout = float(ready_timeout)
         self.chunk_bytes = int(chunk_bytes)
         self.relaunch_dead = relaunch_dead
         self.version = 0
@@ -275,8 +272,7 @@ class RemoteRollout(CopyBackedRollout):
         atexit.register(self.close)
         try:
             if launch_servers > 0:
-                self._launch(launch_servers, model_dir, train_config, rollout_config,
-                             max_batch, ready_timeout)
+                self._launch(launch_servers, model_dir, train_config, rollout_config, max_batch)
             self._connect()
             self._model = copy_params(rollout_actor) if keep_model_copy else None
             if push_on_init and rollout_actor is not None:
@@ -287,7 +283,7 @@ class RemoteRollout(CopyBackedRollout):
             raise
 
     # -- set-up ---------------------------------------------------------------------------
-    def _launch(self, k, model_dir, train_config, rc, max_batch, ready_timeout) -> None:
+    def _launch(self, k, model_dir, train_config, rc, max_batch) -> None:
         if model_dir is None:
             raise UserError("launch_servers needs model_dir (the directory the servers load)")
         if max_batch is None:
@@ -295,7 +291,7 @@ class RemoteRollout(CopyBackedRollout):
             max_batch = (int(train_config.batch_size) * int(train_config.num_generations)
                          if train_config is not None else 8)
         procs = launch_servers(
-            k, token=self.token, ready_timeout=ready_timeout, model_dir=model_dir,
+            k, token=self.token, ready_timeout=self.ready_timeout, model_dir=model_dir,
             max_prompt_length=int(rc.max_prompt_length),
             max_new_tokens=int(rc.max_tokens_to_generate), max_batch=int(max_batch),
             mem_fraction_static=float(getattr(train_config, "sglang_mem_fraction_static", 0.8)),
@@ -365,16 +361,16 @@ class RemoteRollout(CopyBackedRollout):
     def _relaunch_if_dead(self, s: ServerClient) -> None:
         """A launched server whose process is gone (killed, or exited on engine death)."""
         p = s.launched
-        if p is not None and not p.alive() and self.relaunch_dead and not self._closed \
-                and s.relaunches < 3:
-            # Same port, so the URL stays; it rejoins (after catch-up) once READY.
+        if p is None or not self.relaunch_dead or self._closed or s.relaunches >= 3:
+            return
+        # Same port, so the URL stays; it rejoins (after catch-up) once READY.
+        if p.relaunch(urllib.parse.urlsplit(s.url).port, "engine died" in s.last_error):
             s.relaunches += 1
-            port = urllib.parse.urlsplit(s.url).port
-            self._note(f"relaunching rollout server {s.url} (attempt {s.relaunches})")
-            p.start(port=port)
+            self._note(f"relaunched rollout server {s.url} (attempt {s.relaunches})")
 
     def _refresh(self) -> None:
-        """Bring back servers that answer again, pushing the current weights first."""
+        """Bring back servers that answer again, pushing the current weights first; with none
+        live, wait for the launched ones restarting after an engine death first."""
         def check(s: ServerClient) -> None:
             try:
                 h = s.health()
@@ -394,6 +390,11 @@ class RemoteRollout(CopyBackedRollout):
         down = [s for s in self.servers if not s.up]
         for f in [self._pool.submit(check, s) for s in down]:
             f.result()
+        if down and not self.live_servers() and self._restarted():
+            self._refresh()
+
+    def _restarted(self) -> bool:
+        return await_restarts([s.launched for s in self.servers], self.ready_timeout)
 
     def live_servers(self) -> list[ServerClient]:
         return [s for s in self.servers if s.up and s.version == self.version]
@@ -526,6 +527,8 @@ class RemoteRollout(CopyBackedRollout):
         targets = [s for s in self.servers if s.up]
         if not targets:
             self._refresh_for_push()
+            if not any(s.up for s in self.servers) and self._restarted():
+                self._refresh_for_push()
             targets = [s for s in self.servers if s.up]
         if not targets:
             raise AllServersDownError(self._down_message())
