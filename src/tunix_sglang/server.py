@@ -11,15 +11,14 @@ rollout uses, and adds what a single controller needs:
   DELETE /weights/uploads/{id}         drop an upload
   POST /weights/load                   a Tunix-named .safetensors file or HF model dir under
                                        --weights-root (the route is off without it)
-  POST /probe                          the sync proof: the server's own fingerprints of the
-                                       weights its engine holds, next-token logits of prompts
+  POST /probe                          the sync proof: fingerprints and next-token logits
   GET  /version, /health (no token), /info; POST /pause, /resume, /flush; GET /openapi.json
 
 Weights start as the model directory's (`--init-weights model`) or random (`dummy`), at
 version 0. Versions (0..2**63-1, set by the pusher: the trainer's optimizer steps) strictly
-increase: an older one, or the current one with other weights, is refused (409); the same
-weights at the same version (a retried commit) answer 200 without being applied again; the
-first push may claim the start weights' version 0. A commit answers with the engine's own
+increase: an older one, or the current one with other weights, is refused (409) (the first
+push may take the start weights' version); the same weights at the same version (a retried
+commit) answer 200 without being applied again. A commit answers with the engine's own
 fingerprints of what it now holds (tunix_sglang.probe). Generation and weight application
 take one lock, so a batch is computed with one weight version, returned with it;
 `expected_version` makes a server on another version refuse the work (409).
@@ -170,9 +169,7 @@ class ServerState:
         t0 = time.perf_counter()
         with self._engine_lock:
             self._require_engine()
-            if req.expected_version is not None and req.expected_version != self.version:
-                raise http_error(409, f"weight version is {self.version}, request expects "
-                            f"{req.expected_version}")
+            self._expect(req.expected_version)
             version = self.version
             self.liveness.before_generate()
             samples = []
@@ -203,6 +200,10 @@ class ServerState:
                 for x in samples
             ],
         }
+
+    def _expect(self, expected: int | None) -> None:
+        if expected is not None and expected != self.version:
+            raise http_error(409, f"weight version is {self.version}, request expects {expected}")
 
     # -- weights --------------------------------------------------------------------------
     def _check_version(self, version: int, digest: str | None = None) -> None:
@@ -265,8 +266,7 @@ class ServerState:
         with self._engine_lock:
             self._require_engine()
             if version == self.version and digest is not None and digest == self.digest:
-                return {**(self.last_apply or {}), "unchanged": True,
-                        "params": self._fingerprints()}
+                return {**(self.last_apply or {}), "unchanged": True, **self._report()}
             self._check_version(version, digest)
             try:
                 if not faults.injected("stale_server", version):
@@ -276,38 +276,27 @@ class ServerState:
             except Exception as e:
                 raise self._engine_failed(e) from None
             self.version, self.digest = int(version), digest
-            params = self._fingerprints()
+            report = self._report()
         self.counters["pushes"] += 1
         self.last_apply = {"weight_version": self.version, "apply_seconds":
                            time.perf_counter() - t0, "bytes": int(nbytes), "source": source}
-        return {**self.last_apply, "params": params}
+        return {**self.last_apply, **report}
 
-    def _fingerprints(self) -> dict[str, Any]:
-        from tunix_sglang import probe
+    def _report(self, prompts: list[list[int]] | None = None) -> dict[str, Any]:
+        from tunix_sglang import probe  # the engine's side of the proof; under the engine lock
 
         try:
-            return probe.params_json(self.engine.fingerprints())
+            return probe.engine_json(self.engine, prompts)
         except Exception as e:
             raise self._engine_failed(e) from None
 
     def probe(self, req: ProbeRequest) -> dict[str, Any]:
-        """This server's side of the sync proof: its version, its fingerprints of the buffers
-        its forward reads and its next-token logits after each prompt, under one lock."""
-        from tunix_sglang import probe
-
+        """POST /probe: fingerprints of the buffers the forward reads, next-token logits."""
         check_prompts(req.prompts, self.limits)
         with self._engine_lock:
             self._require_engine()
-            if req.expected_version is not None and req.expected_version != self.version:
-                raise http_error(409, f"weight version is {self.version}, request expects "
-                                 f"{req.expected_version}")
-            params = self._fingerprints()
-            try:
-                logits = self.engine.next_token_logits(req.prompts)
-            except Exception as e:
-                raise self._engine_failed(e) from None
-        return {"weight_version": self.version, "params": params,
-                "logits": probe.logits_json(logits)}
+            self._expect(req.expected_version)
+            return {"weight_version": self.version, **self._report(req.prompts)}
 
     def load_path(self, path: str, version: int) -> dict[str, Any]:
         if self.weights_root is None:

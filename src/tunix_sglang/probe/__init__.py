@@ -102,6 +102,15 @@ def logits_from_json(obj: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(raw, "<f4").reshape([int(d) for d in obj["shape"]])
 
 
+def engine_json(engine: Any, prompts: list[list[int]] | None = None) -> dict[str, Any]:
+    """An engine's side of the proof as JSON (a rollout server's answers): its fingerprints,
+    and with `prompts` its next-token logits after each."""
+    out = {"params": params_json(engine.fingerprints())}
+    if prompts is not None:
+        out["logits"] = logits_json(engine.next_token_logits(prompts))
+    return out
+
+
 def threshold_for(dtype: str, trainer_rows: np.ndarray, override: float | None = None
                   ) -> float:
     """--sync-check-threshold when given, else the calibrated default of the engine dtype

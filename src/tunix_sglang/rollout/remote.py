@@ -17,10 +17,8 @@ Per step:
   parallel and waits for each to acknowledge the new version (`last_push`: seconds, bytes).
   A server that missed a push (down, restarted) is brought to the current version by the
   next `generate` before it gets any work.
-* Every server fingerprints its engine's buffers after each commit and returns them with the
-  version; a catch-up push is checked against the fingerprints the trainer's weights must
-  give (`probe.fingerprint.expected` on the pushed arrays) before the server gets work.
-  `sync_evidence(seq)` is every server's side of the per-step sync proof (`POST /probe`).
+* Servers answer a commit with their own fingerprints of the weights (a catch-up push is checked
+  before the server gets work); `sync_evidence` is their side of the proof (`POST /probe`).
 
 Every bounded wait has a timeout: connect 5 s, requests `request_timeout`, a whole rollout
 `rollout_timeout`, launches `ready_timeout`.
@@ -53,7 +51,6 @@ from tunix_sglang.server_guard import TOKEN_ENV, check_token
 from tunix_sglang.weights_wire import DEFAULT_CHUNK_BYTES, Payload, flat_numpy_params, pack
 
 logger = logging.getLogger(__name__)
-
 
 
 class AllServersDownError(UserError):
@@ -248,7 +245,7 @@ class RemoteRollout(CopyBackedRollout):
         self.last_versions: list[int] = []
         self.last_servers: list[str] = []
         self.last_push: PushReport | None = None
-        self._expected: dict = {}  # the fingerprints _payload gives, per server layout
+        self._expected: dict = {}  # fingerprints of _payload per server layout (catch-up)
         self.last_rollout_stats: dict[str, Any] = {}
         self.redispatched_groups = 0
         self._payload: Payload | None = None
@@ -276,7 +273,7 @@ class RemoteRollout(CopyBackedRollout):
             self._connect()
             self._model = copy_params(rollout_actor) if keep_model_copy else None
             if push_on_init and rollout_actor is not None:
-                # At the servers' own version: the trainer's first sync sets the real one.
+                # at the servers' own version: the trainer's first sync sets the real one
                 self.update_params(rollout_actor, None, self.version, _copy=False)
         except BaseException:
             self.close()
@@ -563,8 +560,7 @@ class RemoteRollout(CopyBackedRollout):
                 s.last_error = str(e)
 
     def _check_catch_up(self, s: ServerClient) -> None:
-        """A server brought up to date outside a step must hold the pushed weights (it gets
-        work before the next step's proof): its fingerprints against the payload's."""
+        """A server caught up outside a step gets work before the next proof: check it now."""
         report = probe.EngineReport(f"server {s.url}", int(s.version), s.params, None)
         probe.check_arrival(self.version, probe.expected_for(
             self._payload.arrays(), report, self.version, self._expected), report)
@@ -573,8 +569,7 @@ class RemoteRollout(CopyBackedRollout):
         """Every live server's side of the sync proof (its fingerprints and probe logits)."""
         req = {"prompts": seq.prefixes(), "expected_version": self.version}
         self._refresh()
-        futs = {self._pool.submit(s.call, "POST", "/probe", req): s
-                for s in self.live_servers()}
+        futs = {self._pool.submit(s.call, "POST", "/probe", req): s for s in self.live_servers()}
         reports = []
         for f in concurrent.futures.as_completed(futs, timeout=self.request_timeout + 30):
             s = futs[f]
