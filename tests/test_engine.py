@@ -308,8 +308,12 @@ def test_rollout_as_rlcluster_builds_it(tmp_path_factory):
         comp = np.full((4, 8), rollout.pad_id(), np.int32)
         for i, t in enumerate(out.tokens):
             comp[i, :len(t)] = t
-        logps = rollout.get_per_token_logps(prompt_ids, jnp.asarray(comp))
+        logps = np.asarray(rollout.get_per_token_logps(prompt_ids, jnp.asarray(comp)))
         assert logps.shape == (4, 8)
+        # ...under the synced weights (`other`), at the last rollout's temperature (1).
+        for p, t, row in zip(prompts, out.tokens, logps, strict=True):
+            ref = tunix_token_logprobs(other, tok.encode(p), t, 1.0)
+            assert np.max(np.abs(row[:len(t)] - ref)) <= 1e-4
     finally:
         rollout.close()
 
