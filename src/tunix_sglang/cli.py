@@ -51,6 +51,14 @@ _TRAIN_FLAGS: list[tuple[str, type, str]] = [
      "probe (None: 1e-3 for float32 engines; for bfloat16 0.1 x the largest probe logit, "
      "at least 0.25)"),
     ("--dtype", str, "float32 or bfloat16"),
+    ("--num-iterations", int, "optimizer steps per rollout batch (GRPO's mu); the engine's "
+     "logprobs are the old policy"),
+    ("--importance-correction", str, "rollout-trainer mismatch correction: none, tis "
+     "(truncated IS weights) or mis (masked IS)"),
+    ("--is-cap", float, "C of --importance-correction: TIS weight min(ratio, C), MIS keeps "
+     "ratios in [1/C, C]"),
+    ("--max-staleness", int, "K: rollouts overlap training on weights at most K steps behind "
+     "(0: synchronous); needs --rollout-devices N or rollout servers"),
 ]
 
 

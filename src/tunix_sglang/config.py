@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from tunix_sglang.errors import UserError
 
 ROLLOUT_ENGINES = ("sglang_jax", "vanilla", "sglang_jax_remote")
+IMPORTANCE_CORRECTIONS = ("none", "tis", "mis")
 DATA_SOURCES = ("synthetic", "gsm8k")
 # --max-prompt-length when none is given: what the data's prompts need. Synthetic prompts are
 # at most 102 tokens with the embedded tokenizer; GSM8K prompts with the system prompt and a
@@ -56,6 +57,10 @@ class TrainConfig:
     # max |Δ logprob| engine vs trainer on the sync proof's probe; None: calibrated per dtype
     sync_check_threshold: float | None = None
     dtype: str = "float32"
+    num_iterations: int = 1  # optimizer steps per rollout batch (Tunix GRPO's mu)
+    importance_correction: str = "none"  # none | tis | mis (tunix_sglang.importance)
+    is_cap: float = 2.0  # C: TIS truncates weights at C, MIS drops tokens outside [1/C, C]
+    max_staleness: int = 0  # K: rollouts of step n+1 overlap step n on weights <= K behind
     target: str | None = None  # the hardware a recipe is for: what `doctor --plan` plans for
 
     def validate(self, num_devices: int | None = None) -> None:
@@ -106,6 +111,7 @@ class TrainConfig:
                             "(or unset for the calibrated default of the dtype)")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
+        self.validate_offpolicy()
         check_model_choice(self.local_model_dir, self.model)
         if self.target is not None:
             from tunix_sglang.tpu_targets import get_target
@@ -114,12 +120,42 @@ class TrainConfig:
         if num_devices is not None:
             self.validate_devices(num_devices)
 
+    def validate_offpolicy(self) -> None:
+        """--num-iterations, --importance-correction, --is-cap, --max-staleness."""
+        if self.num_iterations < 1:
+            raise UserError(f"--num-iterations {self.num_iterations}: must be >= 1 (optimizer "
+                            "steps per rollout batch)")
+        if self.importance_correction not in IMPORTANCE_CORRECTIONS:
+            raise UserError(f"--importance-correction {self.importance_correction!r} is "
+                            f"unknown; use one of {', '.join(IMPORTANCE_CORRECTIONS)}")
+        if not self.is_cap > 1.0:
+            raise UserError(f"--is-cap {self.is_cap}: must be > 1 (TIS truncates at C, MIS "
+                            "keeps ratios in [1/C, C]), e.g. 2")
+        if self.max_staleness < 0:
+            raise UserError(f"--max-staleness {self.max_staleness}: must be >= 0 (0: "
+                            "synchronous)")
+        vanilla = self.rollout_engine == "vanilla"
+        if vanilla and self.importance_correction != "none":
+            raise UserError(f"--importance-correction {self.importance_correction} needs the "
+                            "rollout's own logprobs, which --rollout-engine vanilla does not "
+                            "return; use --rollout-engine sglang_jax")
+        if vanilla and self.max_staleness:
+            raise UserError(f"--max-staleness {self.max_staleness}: --rollout-engine vanilla "
+                            "samples with the trainer's own model, so nothing can overlap; use "
+                            "--rollout-engine sglang_jax with --rollout-devices N")
+
     def validate_devices(self, num_devices: int) -> None:
         if self.rollout_devices > num_devices:
             raise UserError(
                 f"--rollout-devices {self.rollout_devices} is larger than the {num_devices} "
                 f"device(s) JAX sees; use at most {num_devices} (or 0 to share all)"
             )
+        if (self.max_staleness and self.rollout_engine == "sglang_jax"
+                and self.rollout_devices in (0, num_devices)):
+            raise UserError(
+                f"--max-staleness {self.max_staleness}: the in-process engine shares the "
+                "trainer's devices, so rollout and training cannot overlap; give the engine its "
+                "own devices with --rollout-devices N (or use rollout servers)")
         train_devices = self.train_device_count(num_devices)
         total = self.batch_size * self.num_generations
         if total % train_devices:

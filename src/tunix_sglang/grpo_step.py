@@ -21,7 +21,7 @@ from tunix.generate import utils as gen_utils
 from tunix.rl import common, function_registry
 from tunix.rl import rl_cluster as rl_cluster_lib
 
-from tunix_sglang import probe
+from tunix_sglang import importance, probe
 from tunix_sglang.rollout.base import engine_rollout
 
 
@@ -40,11 +40,16 @@ class StepResult:
     rollout_weight_version: int  # the version this step's samples were generated with
     mismatch_kl: float | None  # mean k3 KL(rollout || trainer) over completion tokens
     mismatch_max_abs: float | None  # max |trainer - engine logprob| over completion tokens
+    is_clipped_frac: float | None  # completion tokens the IS cap truncated (tis) or dropped (mis)
+    staleness_max: int  # steps between the samples' weights and the trainer's
+    staleness_mean: float
+    stale_dropped: int  # samples more than --max-staleness behind, never trained on
     trainer_logps_sec: float
     num_samples: int
     redispatched_groups: int  # remote rollout: prompt groups re-run after a server failed
     rewards_by_fn: dict[str, float]
     proof: probe.Proof
+    timeline: dict[str, list[float]]  # phase -> [start, end], seconds since StepContext.t0
 
     def row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
@@ -63,6 +68,12 @@ class StepContext:
     reward_fns: list[Callable[..., list[float]]]
     seed: int
     sync_check_threshold: float | None  # None: the calibrated default of the engine dtype
+    num_iterations: int = 1  # optimizer steps per rollout batch (GRPO's mu)
+    importance_correction: str = "none"  # tunix_sglang.importance
+    is_cap: float = 2.0
+    max_staleness: int = 0  # K; > 0: the rollouts come from tunix_sglang.pipeline
+    t0: float = dataclasses.field(default_factory=time.perf_counter)  # the timeline's origin
+    last_end: float = 0.0  # perf_counter when the previous step finished
 
 
 def trainer_version(ctx: StepContext) -> int:
@@ -127,36 +138,63 @@ def rollout_mismatch(trainer_logps: np.ndarray, engine_logps: np.ndarray, mask: 
     return float(np.mean(np.expm1(r) - r)), float(np.max(np.abs(r)))
 
 
-def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int):
-    """prompts -> rollout -> rewards -> advantages: a Tunix TrainExample and step stats."""
+@dataclasses.dataclass
+class Sampled:
+    """One step's rollout (from `sample`: inline, or on the async pipeline's thread)."""
+
+    step: int
+    columns: dict[str, np.ndarray]  # the batch's columns, one row per sample
+    prompts: list[str]
+    out: Any  # Tunix RolloutOutput
+    versions: list[int]  # the weight version each sample was generated with
+    redispatched: int
+    start: float  # perf_counter at the rollout's start and end
+    end: float
+
+
+def sample(ctx: StepContext, batch: dict[str, np.ndarray], step: int) -> Sampled:
+    """prompts -> rollout: every prompt `num_generations` times, a fresh seed per step."""
     g = ctx.algo.num_generations
     cluster = ctx.cluster
     cfg = rollout_config(ctx)
     cfg.seed = ctx.seed * 1_000_003 + step  # fresh samples every step, reproducible per run
     repeated = {k: np.repeat(v, g, axis=0) for k, v in batch.items()}  # [B] -> [B*G]
-    prompts = [str(p) for p in repeated["prompts"]]
+    prompts = [str(p) for p in repeated.pop("prompts")]
 
     t0 = time.perf_counter()
     out = cluster.generate(prompts=prompts, mode=rl_cluster_lib.Mode.TRAIN)
-    rollout_sec = time.perf_counter() - t0
+    t1 = time.perf_counter()
     # Tunix's own sampler (vanilla) is the trainer's model: its samples are of the trainer's
     # version. The engine rollouts say which version each sample came from.
     engine = engine_rollout(cluster)
-    versions, redispatched = {trainer_version(ctx)}, 0
+    versions, redispatched = [trainer_version(ctx)] * len(out.tokens), 0
     if engine is not None:
-        versions = set(engine.last_samples.versions)
+        versions = list(engine.last_samples.versions)
         redispatched = engine.last_samples.redispatched_groups
-    if len(versions) != 1:
+    if ctx.max_staleness == 0 and len(set(versions)) != 1:
         raise probe.SyncCheckError(f"step {step}: one rollout mixed weight versions "
-                                   f"{sorted(versions)}")
+                                   f"{sorted(set(versions))}")
+    return Sampled(step, repeated, prompts, out, versions, redispatched, t0, t1)
 
-    width = cfg.max_tokens_to_generate
+
+def make_train_example(ctx: StepContext, sampled: Sampled):
+    """rollout -> rewards -> advantages, old policy and IS weights: a Tunix TrainExample and
+    step stats."""
+    g = ctx.algo.num_generations
+    cluster, out = ctx.cluster, sampled.out
+    width = rollout_config(ctx).max_tokens_to_generate
     pad, eos = cluster.rollout.pad_id(), cluster.rollout.eos_id()
     completion_ids = np.array([
         gen_utils.pad_to_length(np.asarray(t), width, pad, left=False) for t in out.tokens
     ])
     prompt_ids = jnp.asarray(out.left_padded_prompt_tokens)
     completion_mask = completion_ids != pad
+    off_policy = ctx.num_iterations > 1 or ctx.max_staleness > 0
+    # Samples more than K steps behind the trainer are never trained on (their groups
+    # are masked out); the pipeline's admission makes this the exception.
+    stale = importance.staleness(trainer_version(ctx), sampled.versions, ctx.num_iterations)
+    dropped = importance.stale_groups(stale, g, ctx.max_staleness)
+    completion_mask &= ~dropped[:, None]
 
     ref_logps = None
     if ctx.algo.beta != 0.0:
@@ -165,21 +203,32 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
             pad_id=pad, eos_id=eos,
         )
     mismatch, logps_sec = (None, None), 0.0
-    if out.logprobs is not None and engine is not None:
+    trainer = behaviour = None
+    has_logprobs = out.logprobs is not None and engine_rollout(cluster) is not None
+    if has_logprobs or off_policy:
         t1 = time.perf_counter()
         trainer = np.asarray(_process_local(trainer_logps_of_rollout(
             ctx, prompt_ids, jnp.asarray(completion_ids))))
-        engine = np.zeros_like(trainer)
-        for i, lp in enumerate(out.logprobs):
-            engine[i, :len(lp)] = lp[:width]
-        mismatch = rollout_mismatch(trainer, engine, completion_mask)
+        if has_logprobs:
+            behaviour = np.zeros_like(trainer)
+            for i, lp in enumerate(out.logprobs):
+                behaviour[i, :len(lp)] = lp[:width]
+            mismatch = rollout_mismatch(trainer, behaviour, completion_mask)
         logps_sec = time.perf_counter() - t1
 
-    columns = {k: v for k, v in repeated.items() if k != "prompts"}
-    rewards, by_fn = score(ctx, prompts, list(out.text), columns)
+    old_logps, is_w, clipped = None, None, None
+    if ctx.importance_correction != "none":
+        old_logps = trainer  # proximal: the trainer's weights as the step starts
+        is_w, clipped = importance.is_weights(trainer, behaviour, completion_mask,
+                                              ctx.importance_correction, ctx.is_cap)
+    elif off_policy:  # PPO against the behaviour policy: the engine's own logprobs
+        old_logps = behaviour if behaviour is not None else trainer
+
+    rewards, by_fn = score(ctx, sampled.prompts, list(out.text), sampled.columns)
     advantages = function_registry.get_advantage_estimator(ctx.algo.advantage_estimator)(
         rewards=rewards, num_generations=g
     )
+    advantages = np.where(dropped, 0.0, np.asarray(advantages)).astype(np.float32)
     example = common.TrainExample(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_ids != pad,
@@ -187,19 +236,25 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
         completion_mask=jnp.asarray(completion_mask),
         ref_per_token_logps=ref_logps,
         advantages=jax.device_put(advantages),
-        old_per_token_logps=None,  # on-policy (num_iterations == 1): ratio is exactly 1
+        # None: on-policy (one iteration, fresh samples), Tunix's ratio is exactly 1
+        old_per_token_logps=None if old_logps is None else jnp.asarray(old_logps, jnp.float32),
+        sampler_is_weights=None if is_w is None else jnp.asarray(is_w),
     )
     stats = dict(
         reward_mean=float(np.mean(rewards)),
         reward_std=float(np.std(rewards)),
         completion_len_mean=float(np.mean(completion_mask.sum(axis=-1))),
-        rollout_sec=rollout_sec,
-        rollout_weight_version=versions.pop(),
+        rollout_sec=sampled.end - sampled.start,
+        rollout_weight_version=min(sampled.versions),
         mismatch_kl=mismatch[0],
         mismatch_max_abs=mismatch[1],
+        is_clipped_frac=clipped,
+        staleness_max=int(stale.max()),
+        staleness_mean=float(stale.mean()),
+        stale_dropped=int(dropped.sum()),
         trainer_logps_sec=logps_sec,
         num_samples=len(out.tokens),
-        redispatched_groups=redispatched,
+        redispatched_groups=sampled.redispatched,
         rewards_by_fn=by_fn,
     )
     return example, stats
@@ -219,25 +274,42 @@ def _process_local(x: jax.Array) -> np.ndarray:
 
 
 def update(ctx: StepContext, example) -> float:
-    """One optimizer step through Tunix's actor trainer; returns this step's loss."""
+    """`num_iterations` optimizer steps on the example through Tunix's actor trainer; returns
+    their mean loss."""
     trainer = ctx.cluster.actor_trainer
-    ctx.cluster.update_actor([example], None, skip_jit=False)
-    # Tunix logs a step's loss one step late (to overlap I/O); after `train` returns, the
-    # buffer of the step that just ran is the "previous" one. Reading it here makes the
-    # line appear as the step finishes instead of in bursts.
-    buf = trainer._prev_buffered_train_metrics  # noqa: SLF001 (Tunix 0.1.7 has no accessor)
-    return float(buf.loss)
+    losses = []
+    for _ in range(ctx.num_iterations):
+        ctx.cluster.update_actor([example], None, skip_jit=False)
+        # Tunix logs a step's loss one step late (to overlap I/O); after `train` returns, the
+        # buffer of the step that just ran is the "previous" one. Reading it here makes the
+        # line appear as the step finishes instead of in bursts.
+        buf = trainer._prev_buffered_train_metrics  # noqa: SLF001 (Tunix 0.1.7: no accessor)
+        losses.append(float(buf.loss))
+    return float(np.mean(losses))
 
 
-def sync_and_prove(ctx: StepContext) -> probe.Proof:
+def sync_and_prove(ctx: StepContext, marks: dict[str, list[float]] | None = None
+                   ) -> probe.Proof:
     """Push the trainer's weights to the rollout (Tunix's sync: one version per optimizer
-    step), then prove they arrived and are what the engine computes with."""
+    step), then prove they arrived and are what the engine computes with. `marks` gets the
+    sync's and the proof's [start, end]."""
     cluster = ctx.cluster
+    marks = {} if marks is None else marks
+    t0 = time.perf_counter()
     if engine_rollout(cluster) is None:
         cluster.global_steps += 1  # Tunix does this in place of a sync
         return probe.Proof("shared", trainer_version(ctx))
-    cluster.sync_weights()
-    return check_sync(ctx)
+    if ctx.num_iterations == 1:
+        cluster.sync_weights()
+    else:  # Tunix's sync counts one version per call; mu optimizer steps happened
+        params = nnx.state(cluster.actor_trainer.model, nnx.Param)
+        engine_rollout(cluster).update_params(params, (nnx.Param,), version=trainer_version(ctx))
+        cluster.global_steps += 1
+    t1 = time.perf_counter()
+    proof = check_sync(ctx)
+    t2 = time.perf_counter()
+    marks["sync"], marks["proof"] = [t0 - ctx.t0, t1 - ctx.t0], [t1 - ctx.t0, t2 - ctx.t0]
+    return proof
 
 
 def check_sync(ctx: StepContext) -> probe.Proof:
@@ -258,22 +330,33 @@ def initial_sync(ctx: StepContext) -> probe.Proof:
     return check_sync(ctx)
 
 
-def run_step(ctx: StepContext, batch: dict[str, np.ndarray], step: int) -> StepResult:
-    """The whole step: rollout, rewards, advantages, update, weight sync and its proof."""
+def run_step(ctx: StepContext, sampled: Sampled,
+             exclusive: Callable[[Callable[[], probe.Proof]], probe.Proof] | None = None
+             ) -> StepResult:
+    """The step after its rollout (`sample`): rewards, advantages, update, weight sync and
+    its proof (through `exclusive`: the async pipeline runs it between engine batches)."""
     t0 = time.perf_counter()
-    example, stats = make_train_example(ctx, batch, step)
+    example, stats = make_train_example(ctx, sampled)
     t1 = time.perf_counter()
     loss = update(ctx, example)
     t2 = time.perf_counter()
-    proof = sync_and_prove(ctx)
+    marks: dict[str, list[float]] = {}
+    proof = (exclusive or (lambda f: f()))(lambda: sync_and_prove(ctx, marks))
     t3 = time.perf_counter()
+    # Wall time the step added: from its rollout's start, or, when that rollout overlapped
+    # the previous step (async), from the previous step's end.
+    step_sec, ctx.last_end = t3 - max(sampled.start, ctx.last_end), t3
+    timeline = {"rollout": [sampled.start - ctx.t0, sampled.end - ctx.t0],
+                "prepare": [t0 - ctx.t0, t1 - ctx.t0], "train": [t1 - ctx.t0, t2 - ctx.t0],
+                **marks}
     return StepResult(
-        step=step,
+        step=sampled.step,
         loss=loss,
         train_sec=t2 - t1,
         sync_sec=t3 - t2,
-        step_sec=t3 - t0,
+        step_sec=step_sec,
         weight_version=proof.version,
         proof=proof,
+        timeline=timeline,
         **stats,
     )

@@ -33,6 +33,7 @@ REQUIRED_KEYS = (
     "step", "loss", "reward_mean", "reward_std", "completion_len_mean", "rollout_sec",
     "sync_sec", "train_sec", "step_sec", "weight_version", "rollout_weight_version",
     "sync_check", "sync_max_logprob_diff", "proof_sec", "mismatch_kl", "mismatch_max_abs",
+    "is_clipped_frac", "staleness_max", "staleness_mean", "timeline",
 )
 _PACKAGES = ("jax", "jaxlib", "flax", "google-tunix", "sglang-jax", "optax", "numpy",
              "transformers", "matplotlib", "tunix-sglang")

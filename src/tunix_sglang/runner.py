@@ -48,6 +48,14 @@ def prepare(cfg: TrainConfig, topo: Topology | None) -> RunInputs:
     faults.active()  # a misspelt TUNIX_SGLANG_INJECT_FAULT stops here, not mid-run
     topology.initialize(topo or Topology())
     check_before_train(cfg)  # TPU generation, TPU lock, Pathways, memory
+    if cfg.max_staleness and jax.process_count() > 1:
+        # A producer thread would issue the rollout's cross-process collectives (host-local
+        # all-gathers, lockstep engine calls) concurrently with the trainer's, in an order
+        # that can differ between processes: a deadlock, not an overlap.
+        raise UserError(f"--max-staleness {cfg.max_staleness}: not supported on "
+                        f"{jax.process_count()} processes (rollout and training collectives "
+                        "from two threads could interleave differently on each host); use "
+                        "--max-staleness 0, or remote rollout servers from one process")
     cfg.validate_devices(len(jax.devices()))
     md = models.inspect_model_dir(hub.model_dir(cfg.local_model_dir, cfg.model))
     problems = data.train_problems(cfg.data, cfg.data_path, cfg.seed)
@@ -95,16 +103,19 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     import jax
 
-    from tunix_sglang import evaluate, grpo_step, report, rewards, tunix_cluster
+    from tunix_sglang import evaluate, grpo_step, pipeline, report, rewards, tunix_cluster
     from tunix_sglang.rollout.base import engine_rollout
 
     inputs = prepare(cfg, topo)
     cluster, algo = tunix_cluster.build_cluster(cfg, inputs.md, inputs.tokenizer)
-    start = cluster.actor_trainer.train_steps  # > 0 when restored from a checkpoint
+    # > 0 when restored from a checkpoint; each step is num_iterations optimizer steps
+    start = cluster.actor_trainer.train_steps // cfg.num_iterations
     cluster.global_steps = start
     ctx = grpo_step.StepContext(
         cluster=cluster, algo=algo, reward_fns=list(rewards.DEFAULT_REWARD_FNS), seed=cfg.seed,
-        sync_check_threshold=cfg.sync_check_threshold,
+        sync_check_threshold=cfg.sync_check_threshold, num_iterations=cfg.num_iterations,
+        importance_correction=cfg.importance_correction, is_cap=cfg.is_cap,
+        max_staleness=cfg.max_staleness,
     )
     out: Path = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)
@@ -123,24 +134,39 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
     if start:
         console.line(f"Resumed from checkpoint at step {start}")
 
+    pipe = None  # --max-staleness K > 0: rollouts on their own thread
+
     def run_eval(step: int, label: str):
         # generate is a collective program: every process evaluates, process 0 records.
         if not inputs.eval_rows:
             return None
-        res = evaluate.evaluate(cluster, inputs.eval_rows, cfg.max_new_tokens)
+        res = (pipe.exclusive if pipe else lambda f: f())(
+            lambda: evaluate.evaluate(cluster, inputs.eval_rows, cfg.max_new_tokens))
         if primary:
             evaluate.record(out, step, res)
         console.line(evaluate.format_result(res, label))
         return res
 
-    grpo_step.initial_sync(ctx)
+    first = grpo_step.initial_sync(ctx)
     before = after = last = None
     failed = False
     try:
         before = run_eval(start, f"eval at step {start}")
+        ctx.t0 = ctx.last_end = time.perf_counter()
+        if cfg.max_staleness:
+            pipe = pipeline.RolloutPipeline(
+                lambda s: grpo_step.sample(ctx, inputs.batches.batch(s), s),
+                range(start + 1, cfg.steps + 1), cfg.max_staleness, cfg.num_iterations,
+                first.version)
         for step in range(start + 1, cfg.steps + 1):
             topology.step_barrier(f"step{step}")
-            last = grpo_step.run_step(ctx, inputs.batches.batch(step), step).row()
+            if pipe is None:
+                result = grpo_step.run_step(
+                    ctx, grpo_step.sample(ctx, inputs.batches.batch(step), step))
+            else:
+                result = grpo_step.run_step(ctx, pipe.get(step), pipe.exclusive)
+                pipe.synced(result.weight_version)
+            last = result.row()
             writer.write(last)
             console.step(last)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
@@ -150,6 +176,8 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
         failed = True
         raise
     finally:
+        if pipe is not None:
+            pipe.close()
         console.close()
         writer.close()
         try:

@@ -101,7 +101,8 @@ def build_cluster(cfg: TrainConfig, md, tokenizer):
         max_steps=None,  # the step loop is ours; Tunix's own bar would duplicate the console
         checkpoint_root_directory=str(out / "checkpoints"),
         checkpointing_options=ocp.CheckpointManagerOptions(
-            save_interval_steps=cfg.checkpoint_every, max_to_keep=3
+            # optimizer steps: a checkpoint never falls inside a step's mu iterations
+            save_interval_steps=cfg.checkpoint_every * cfg.num_iterations, max_to_keep=3
         ),
         metrics_logging_options=metrics_logger.MetricsLoggerOptions(
             log_dir=str(out / "tensorboard"), flush_every_n_steps=1
@@ -117,8 +118,8 @@ def build_cluster(cfg: TrainConfig, md, tokenizer):
     )
     cluster = rl.RLCluster(actor=actor, reference=reference, tokenizer=tokenizer,
                            cluster_config=cluster_config)
-    algo = GRPOConfig(num_generations=cfg.num_generations, num_iterations=1, beta=cfg.beta,
-                      epsilon=cfg.epsilon)
+    algo = GRPOConfig(num_generations=cfg.num_generations, num_iterations=cfg.num_iterations,
+                      beta=cfg.beta, epsilon=cfg.epsilon)
     # The learner wires Tunix's GRPO loss into the actor trainer; its loop is not used.
     GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=rewards.DEFAULT_REWARD_FNS)
     return cluster, algo
