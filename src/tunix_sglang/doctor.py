@@ -20,12 +20,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tunix_sglang import cluster as cluster_lib
 from tunix_sglang import plan as plan_lib
+from tunix_sglang import topology
 from tunix_sglang.checks import Check, DeviceFacts
 from tunix_sglang.config import DATA_SOURCES, PROMPT_LENGTH, ROLLOUT_ENGINES, TrainConfig
 from tunix_sglang.tpu_lock import DEFAULT_LOCKFILE, check_tpu_lock
 from tunix_sglang.tpu_targets import TARGETS, get_target
+from tunix_sglang.tunix_cluster import compilation_cache_dir
 
 PROJECT_DIST = "tunix-sglang"
 # (distribution, what to call it) in the order they are reported.
@@ -218,7 +219,7 @@ def check_processes(facts: DeviceFacts, env: Mapping[str, str] | None = None) ->
         return Check("processes", "WARN", "unknown (no backend)")
     detail = (f"process {facts.process_index} of {facts.process_count}; "
               f"{facts.local_device_count} local / {facts.device_count} global devices")
-    hosts = cluster_lib.tpu_worker_hosts(env)
+    hosts = topology.tpu_worker_hosts(env)
     if len(hosts) > facts.process_count:
         return Check("processes", "WARN",
                      f"{detail}, but TPU_WORKER_HOSTNAMES lists {len(hosts)} workers",
@@ -287,12 +288,6 @@ def check_pathways(env: Mapping[str, str] | None = None) -> Check:
     return Check("Pathways", "OK", detail)
 
 
-def default_cache_dir() -> str:
-    # Mirrors runner.default_compilation_cache, which `train` applies when nothing is set.
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return os.path.join(base, "tunix-sglang", "jax")
-
-
 def check_compilation_cache(env: Mapping[str, str] | None = None) -> Check:
     env = os.environ if env is None else env
     chosen = env.get("JAX_COMPILATION_CACHE_DIR")
@@ -302,7 +297,7 @@ def check_compilation_cache(env: Mapping[str, str] | None = None) -> Check:
         chosen = jax.config.jax_compilation_cache_dir
     if not chosen:
         return Check("compilation cache", "OK", "not set here; `train` uses "
-                     f"{default_cache_dir()} (restarts skip compiles)")
+                     f"{compilation_cache_dir()} (restarts skip compiles)")
     if "://" not in chosen:
         p = Path(chosen).expanduser()
         parent = p if p.exists() else p.parent

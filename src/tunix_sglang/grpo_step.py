@@ -22,6 +22,7 @@ from tunix.rl import common, function_registry
 from tunix.rl import rl_cluster as rl_cluster_lib
 
 from tunix_sglang import probe
+from tunix_sglang.rollout.base import engine_rollout
 
 
 @dataclasses.dataclass
@@ -140,7 +141,11 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
     rollout_sec = time.perf_counter() - t0
     # Tunix's own sampler (vanilla) is the trainer's model: its samples are of the trainer's
     # version. The engine rollouts say which version each sample came from.
-    versions = set(getattr(cluster.rollout, "last_versions", None) or [trainer_version(ctx)])
+    engine = engine_rollout(cluster)
+    versions, redispatched = {trainer_version(ctx)}, 0
+    if engine is not None:
+        versions = set(engine.last_samples.versions)
+        redispatched = engine.last_samples.redispatched_groups
     if len(versions) != 1:
         raise probe.SyncCheckError(f"step {step}: one rollout mixed weight versions "
                                    f"{sorted(versions)}")
@@ -160,7 +165,7 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
             pad_id=pad, eos_id=eos,
         )
     mismatch, logps_sec = (None, None), 0.0
-    if out.logprobs is not None and not _rollout_shares_actor(cluster):
+    if out.logprobs is not None and engine is not None:
         t1 = time.perf_counter()
         trainer = np.asarray(_process_local(trainer_logps_of_rollout(
             ctx, prompt_ids, jnp.asarray(completion_ids))))
@@ -194,8 +199,7 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
         mismatch_max_abs=mismatch[1],
         trainer_logps_sec=logps_sec,
         num_samples=len(out.tokens),
-        redispatched_groups=int(getattr(cluster.rollout, "last_rollout_stats", {}).get(
-            "redispatched_groups", 0)),
+        redispatched_groups=redispatched,
         rewards_by_fn=by_fn,
     )
     return example, stats
@@ -229,7 +233,7 @@ def sync_and_prove(ctx: StepContext) -> probe.Proof:
     """Push the trainer's weights to the rollout (Tunix's sync: one version per optimizer
     step), then prove they arrived and are what the engine computes with."""
     cluster = ctx.cluster
-    if _rollout_shares_actor(cluster):
+    if engine_rollout(cluster) is None:
         cluster.global_steps += 1  # Tunix does this in place of a sync
         return probe.Proof("shared", trainer_version(ctx))
     cluster.sync_weights()
@@ -246,17 +250,12 @@ def check_sync(ctx: StepContext) -> probe.Proof:
 def initial_sync(ctx: StepContext) -> probe.Proof:
     """Give the rollout the trainer's current (possibly restored) weights before step 1."""
     cluster = ctx.cluster
-    if _rollout_shares_actor(cluster):
+    engine = engine_rollout(cluster)
+    if engine is None:
         return probe.Proof("shared", trainer_version(ctx))
     params = nnx.state(cluster.actor_trainer.model, nnx.Param)
-    cluster.rollout.update_params(params, (nnx.Param,), version=trainer_version(ctx))
+    engine.update_params(params, (nnx.Param,), version=trainer_version(ctx))
     return check_sync(ctx)
-
-
-def _rollout_shares_actor(cluster: rl_cluster_lib.RLCluster) -> bool:
-    from tunix.rl import utils as rl_utils
-
-    return rl_utils.is_sharing_weights(cluster.actor_trainer.model, cluster.rollout.model())
 
 
 def run_step(ctx: StepContext, batch: dict[str, np.ndarray], step: int) -> StepResult:
