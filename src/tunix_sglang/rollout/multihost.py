@@ -74,8 +74,8 @@ from tunix.rl.rollout import base_rollout
 
 from tunix_sglang import cluster as cluster_lib
 from tunix_sglang import engine as engine_lib
-from tunix_sglang import faults, weight_map
-from tunix_sglang.engine import EngineError, EngineSettings, InProcessEngine, SyncReport
+from tunix_sglang import faults
+from tunix_sglang.engine import EngineError, EngineSettings, InProcessEngine, SyncReport, weight_map
 from tunix_sglang.errors import UserError
 from tunix_sglang.probe import EngineReport
 from tunix_sglang.probe.scoring import ProbeSequence
