@@ -77,7 +77,6 @@ class InProcessEngine:
         self.last_sync: SyncReport | None = None
         self.start_seconds: float | None = None
         self._move_cache: dict = {}  # compiled transform+placement programs, by source layout
-        self.dropped_server_args: list[str] = []
         self.devices: list = []
         self._lock = threading.RLock()
         self._engine = None
@@ -111,7 +110,6 @@ class InProcessEngine:
 
         t0 = time.perf_counter()
         kwargs, dropped = self.settings.server_args_kwargs(ServerArgs)
-        self.dropped_server_args = dropped
         if dropped:
             logger.info("sglang-jax ServerArgs has no %s; not passed", dropped)
         if kwargs.get("device") == "cpu" and os.environ.get("JAX_PLATFORMS", "cpu") != "cpu":

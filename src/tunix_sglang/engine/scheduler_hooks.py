@@ -2,9 +2,9 @@
 
 `InProcessEngine` drives a scheduler that runs as a thread of this process. What it needs
 from that thread, sglang-jax does not offer, so `install()` puts it into the scheduler's
-class, unconditionally (whatever the installed version's code looks like), once per process;
-`assert_installed()` is checked at every engine start, so a release that moves these
-functions fails at start instead of leaving every call waiting out its timeout:
+module and class unconditionally (whatever the compat checks found), once per process, and
+every engine start checks `missing()`: a release that moves these functions fails at start
+instead of leaving every generate and sync waiting out its timeout:
 
 * the scheduler thread is ours: `run_scheduler_loop_thread_after_create` /
   `scheduler_loop_after_create` are replaced. Creation errors raise to the engine, loop
@@ -62,7 +62,6 @@ class SchedulerControl:
         self.error: BaseException | None = None
         self.error_traceback: str = ""
         self.thread: threading.Thread | None = None
-        self.idle_waits = 0
         # sampled-token logprobs captured for registered request ids (capture_logprobs_around)
         self.lock = threading.Lock()
         self.logprob_rids: set[str] = set()

@@ -100,7 +100,6 @@ def fix_idle_scheduler_waits() -> bool:
         poller.register(self.recv_from_rpc, zmq.POLLIN)
         poller.register(ctl.rfd, zmq.POLLIN)
         poller.poll(int(IDLE_WAIT_S * 1000))
-        ctl.idle_waits += 1
         ctl.drain()
         return orig(self)
 
