@@ -30,8 +30,16 @@ _QUIT_DFL = "import signal; signal.signal(signal.SIGQUIT, signal.SIG_DFL)\n"
 
 
 def test_threading_atexit_restored():
-    assert ORIG["threading._register_atexit.replacement"] is not ORIG["threading._register_atexit"]
+    """What importing the engine module put in place drops every registration (thread pools
+    register their join at exit through it); the restored original keeps them."""
+    registered = threading._threading_atexits
+    n = len(registered)
+    ORIG["threading._register_atexit.replacement"](print)
+    assert len(registered) == n
     assert threading._register_atexit is ORIG["threading._register_atexit"]
+    threading._register_atexit(print)
+    assert registered[-1].func is print
+    registered.pop()
 
 
 def _idle_fixed():
