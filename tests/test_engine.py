@@ -26,12 +26,11 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from tunix_sglang import probe  # noqa: E402
-from tunix_sglang.engine import EngineSettings, InProcessEngine  # noqa: E402
+from tunix_sglang.engine import EngineSettings, IncompleteSyncError, InProcessEngine  # noqa: E402
 from tunix_sglang.errors import UserError  # noqa: E402
 from tunix_sglang.models import inspect_model_dir, load_model, load_tokenizer  # noqa: E402
 from tunix_sglang.probe.scoring import tunix_greedy, tunix_token_logprobs  # noqa: E402
 from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model  # noqa: E402
-from tunix_sglang.weight_map import IncompleteSyncError  # noqa: E402
 
 MAX_PROMPT, MAX_NEW, BATCH = 32, 16, 8
 PROMPTS = [[11, 23, 42, 7, 99], [5, 64, 31, 17, 3, 58, 12], [300, 301]]
@@ -328,17 +327,19 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, sys.argv[2])
     assert len(jax.devices()) == 4
-    from tunix_sglang.compat import sglang_jax_fixes as fixes
+    from tunix_sglang import compat
+    from tunix_sglang.compat.base import ORIGINALS
     from tunix_sglang.engine import EngineSettings, InProcessEngine
+    from tunix_sglang.engine.scheduler_hooks import engine_devices
     from tunix_sglang.models import inspect_model_dir, load_model
     from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model
 
-    fixes.apply()
+    compat.apply_all()
     # The unpatched mesh builder always takes every device; the fix honours the choice.
-    orig = fixes.ORIGINALS["scheduler.create_device_mesh"]
+    orig = ORIGINALS["scheduler.create_device_mesh"]
     from sgl_jax.srt.managers import scheduler as sched
     assert orig([-1, 1, 1], [1, 1, 1]).devices.size == 4
-    with fixes.engine_devices(jax.devices()[2:]):
+    with engine_devices(jax.devices()[2:]):
         mesh = sched.create_device_mesh([-1, 1, 1], [1, 1, 1])
     assert sorted(d.id for d in mesh.devices.flat) == [2, 3]
 

@@ -165,7 +165,7 @@ PLACE = textwrap.dedent("""
     import jax, numpy as np
     from tunix_sglang.topology import Topology, initialize
     initialize(Topology("127.0.0.1:" + sys.argv[2], 2, int(sys.argv[1])))
-    from tunix_sglang.compat.sglang_jax_fixes import place_replicated
+    from tunix_sglang.engine.scheduler_hooks import place_replicated
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     local = jax.local_devices()[0]

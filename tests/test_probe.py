@@ -20,7 +20,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tunix_sglang import faults, probe, weight_map  # noqa: E402
+from tunix_sglang import faults, probe  # noqa: E402
+from tunix_sglang.engine import weight_map  # noqa: E402
 from tunix_sglang.models import inspect_model_dir, load_model, load_tokenizer  # noqa: E402
 from tunix_sglang.probe import fingerprint, scoring  # noqa: E402
 from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model  # noqa: E402

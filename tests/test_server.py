@@ -303,8 +303,12 @@ def test_receiver_memory_follows_chunks_and_commit_rechecks():
     up.received = set(range(m.num_chunks))
     with pytest.raises(WireError, match="chunk 0 changed"):
         up.seal()
+    held = _rss_mib()
     up.release()
-    assert _rss_mib() - before < 16
+    # The 64 MiB mapping goes back to the OS. Measured as a drop rather than against `before`:
+    # the 16 MiB temporaries above may stay in malloc's heap (glibc raises its mmap threshold
+    # after a large free), which is not memory the receiver holds.
+    assert held - _rss_mib() >= 48
 
 
 def test_commit_or_abort_of_an_upload_just_gone_idle_answers():

@@ -148,19 +148,19 @@ def check_versions(rollout_engine: str = "sglang_jax") -> list[Check]:
 
 
 def check_compat_fixes() -> Check:
-    """Which fixes to the released packages are active (what apply_all reports)."""
+    """Every fix of the compat registry, and whether the installed packages needed it."""
     try:
         from tunix_sglang import compat
 
-        active = compat.apply_all()
+        fixes = compat.status()
     except Exception as e:  # a broken fix must be reported, not crash the doctor
         return Check("compat fixes", "FAIL", f"apply_all() raised {type(e).__name__}: {e}",
                      "the installed Tunix / sglang-jax differ from what the fixes expect; "
                      "reinstall the tested versions", blocking=True)
-    if not active:
-        return Check("compat fixes", "OK", "none needed by the installed packages")
-    listed = "\n".join(f"{name}: {why}" for name, why in active.items())
-    return Check("compat fixes", "OK", f"{len(active)} active:\n{listed}")
+    active = sum(applied for _, applied in fixes)
+    listed = "\n".join(f"{fix.name}: {fix.why}" + ("" if applied else " (not needed here)")
+                       for fix, applied in fixes)
+    return Check("compat fixes", "OK", f"{active} of {len(fixes)} active:\n{listed}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -259,7 +259,7 @@ class ServerState:
               digest: str | None = None) -> dict[str, Any]:
         """Apply checked weights as `version` (atomic: all or nothing). The answer carries the
         engine's own fingerprints of what it then holds (the controller checks them)."""
-        from tunix_sglang.weight_map import IncompleteSyncError
+        from tunix_sglang.engine import IncompleteSyncError
 
         t0 = time.perf_counter()
         with self._engine_lock:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from tunix_sglang import engine as engine_lib
-from tunix_sglang import faults, topology, weight_map
-from tunix_sglang.engine import EngineError, EngineSettings, InProcessEngine, SyncReport
+from tunix_sglang import faults, topology
+from tunix_sglang.engine import EngineError, EngineSettings, InProcessEngine, SyncReport, weight_map
 from tunix_sglang.rollout.base import Samples, Sampling
 from tunix_sglang.rollout.multiprocess import MultiProcessRollout, allgather, live_barrier
 
