@@ -122,6 +122,12 @@ BAD_INPUTS = [
     (["--batch-size", "1", "--num-generations", "3"], "--batch-size"),
     (["--num-generations", "1"], "--num-generations"),
     (["--rollout-engine", "sglang_jax_remote"], "sglang_jax_remote"),
+    (["--num-iterations", "0"], "--num-iterations"),
+    (["--is-cap", "1"], "--is-cap"),
+    (["--max-staleness", "-1"], "--max-staleness"),
+    (["--rollout-engine", "vanilla", "--importance-correction", "tis"], "logprobs"),
+    (["--max-staleness", "1"], "--rollout-devices N"),  # engine on the trainer's devices
+    (["--rollout-engine", "vanilla", "--max-staleness", "1"], "vanilla"),
 ]
 
 

@@ -156,6 +156,37 @@ def plot_times(rows: list[dict[str, Any]]) -> str:
     return _png(fig)
 
 
+# Engine work on the top lane, trainer work below: overlap shows as bars stacked in time.
+_LANES = (("rollout", "engine: rollout", "#1f77b4"), ("sync", "engine: sync", "#d62728"),
+          ("proof", "engine: proof", "#ff7f0e"), ("prepare", "trainer: logps, rewards",
+                                                  "#bcbd22"),
+          ("train", "trainer: update", "#2ca02c"))
+
+
+def plot_timeline(rows: list[dict[str, Any]]) -> str:
+    """Gantt chart of every step's phases ([start, end] from the rows' `timeline`): one lane
+    per phase, each bar labelled with its step."""
+    fig, ax = _figure("Timeline: when each phase of each step ran", "")
+    ax.set_xlabel("seconds since the first step")
+    timed = [r for r in rows if isinstance(r.get("timeline"), dict)]
+    if not timed:
+        _no_data(ax, "no timeline in metrics.jsonl")
+        return _png(fig)
+    for lane, (phase, _, color) in enumerate(_LANES):
+        for r in timed:
+            span = r["timeline"].get(phase)
+            if not span:
+                continue
+            ax.broken_barh([(span[0], span[1] - span[0])], (lane - 0.4, 0.8), color=color,
+                           edgecolor="white", linewidth=0.5)
+            if len(timed) <= 30:
+                ax.text((span[0] + span[1]) / 2, lane, str(r["step"]), ha="center",
+                        va="center", fontsize=6, color="white")
+    ax.set_yticks(range(len(_LANES)), [lane[1] for lane in _LANES])
+    ax.invert_yaxis()
+    return _png(fig)
+
+
 def plots(rows: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(title, base64 PNG) for every plot of the report, in order."""
     return [
@@ -166,6 +197,7 @@ def plots(rows: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[tuple
         ("Completion length", plot_single(rows, "completion_len_mean",
                                           "Mean completion length", "tokens", "#8c564b")),
         ("Time per step", plot_times(rows)),
+        ("Timeline", plot_timeline(rows)),
         ("Weight sync", plot_single(rows, "sync_max_logprob_diff",
                                     "Weight sync proof: max |Δ logprob| on the probe's top-16 "
                                     "tokens, engine vs trainer", "max |Δ logprob|", "#e377c2",

@@ -18,7 +18,13 @@ from typing import Any
 
 from tunix.rl.rollout import base_rollout
 
-from tunix_sglang.engine import EngineSettings, InProcessEngine, Sample, SyncReport
+from tunix_sglang.engine import (
+    EngineError,
+    EngineSettings,
+    InProcessEngine,
+    Sample,
+    SyncReport,
+)
 from tunix_sglang.probe import EngineReport
 from tunix_sglang.probe.scoring import ProbeSequence
 from tunix_sglang.rollout.base import Rollout, Samples, Sampling, derive_settings
@@ -69,9 +75,15 @@ class InProcessRollout(Rollout):
 
     def generate_ids(self, ids: list[list[int]], sampling: Sampling, seed: int | None
                      ) -> Samples:
+        version = self.engine.weight_version
         samples = self._generate_here(ids, sampling, seed, "generate")
+        # The engine's lock keeps syncs out of a generate; the same version on both sides
+        # proves the stamp (an async rollout's sync may land right after).
+        if self.engine.weight_version != version:
+            raise EngineError(f"weight version changed from {version} to "
+                              f"{self.engine.weight_version} during a generate")
         return Samples(ids, [s.tokens for s in samples], [s.logprobs for s in samples],
-                       [self.engine.weight_version] * len(samples))
+                       [version] * len(samples))
 
     def _generate_here(self, ids: list[list[int]], sampling: Sampling, seed: int | None,
                        what: str) -> list[Sample]:
