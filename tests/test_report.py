@@ -32,6 +32,10 @@ def fake_run(out: Path, steps: int = 12) -> Path:
                 "sync_max_logprob_diff": 0.0 if s % 2 else 1e-7, "sync_check": "proven",
                 "mismatch_kl": 1e-12 * s, "mismatch_max_abs": 1e-6 * s,
                 "reward/check_answer": 0.1 * s, "reward/match_format_exactly": 0.2 * s,
+                # async shape: step s+1's rollout runs during step s's update
+                "timeline": {"rollout": [s - 1.0, s - 0.5], "prepare": [s, s + 0.1],
+                             "train": [s + 0.1, s + 0.7], "sync": [s + 0.7, s + 0.75],
+                             "proof": [s + 0.75, s + 0.8]},
             }) + "\n")
         f.write('{"step": 13, "loss"')  # a row cut by a kill must not break the report
     (out / "config.json").write_text(json.dumps({"steps": steps, "learning_rate": 1e-3}))
@@ -59,7 +63,7 @@ def test_report_has_every_plot_as_png(tmp_path):
     plots = decoded_plots(text)
     titles = [t for t, _ in plots]
     assert titles == ["Reward", "Reward by function", "Eval accuracy", "Loss",
-                      "Completion length", "Time per step", "Weight sync",
+                      "Completion length", "Time per step", "Timeline", "Weight sync",
                       "Train-inference mismatch"]
     for title, img in plots:
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 150, title
@@ -87,7 +91,7 @@ def test_report_without_evals_still_shows_every_plot(tmp_path):
     out = fake_run(tmp_path / "run")
     (out / "eval.jsonl").unlink()
     plots = decoded_plots(report.write_report(out).read_text())
-    assert len(plots) == 8
+    assert len(plots) == 9
     assert all(distinct_colours(img) > 5 for _, img in plots)
 
 
