@@ -76,38 +76,49 @@ def summarize(name: str, rows: list[dict]) -> dict:
     }
 
 
+SETUPS = {"split": ["--rollout-devices", "1"],
+          "remote2": ["--rollout-engine", "sglang_jax_remote", "--launch-servers", "2"]}
+
+
+def compare(results: list[dict]) -> None:
+    """Each run against its setup's K=0: measured speed-up and the perfect-overlap bound."""
+    for setup in SETUPS:
+        base = next((r for r in results if r["run"] == f"{setup}-K0"), None)
+        if base is None:
+            continue
+        bound = 1.0 / max(base["engine_busy"], base["trainer_busy"])
+        for r in results:
+            if r["run"].startswith(setup + "-"):
+                r["speedup_vs_K0"] = r["samples_per_sec"] / base["samples_per_sec"]
+                r["overlap_bound_vs_K0"] = bound
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--runs", default="split-K0,split-K1,split-K2,remote2-K0,remote2-K1,"
+                    "remote2-K2", help="which of SETUP-K<k> to run, in order")
     args = ap.parse_args()
-    setups = {"split": ["--rollout-devices", "1"],
-              "remote2": ["--rollout-engine", "sglang_jax_remote", "--launch-servers", "2"]}
-    results = []
+    results: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
-        for setup, extra in setups.items():
-            for k in (0, 1, 2):
-                name = f"{setup}-K{k}"
-                res = run(name, [*extra, "--max-staleness", str(k)], args.steps, Path(d))
-                print(json.dumps({x: y for x, y in res.items() if x != "losses"}), flush=True)
-                results.append(res)
-    for setup in setups:
-        base = next(r for r in results if r["run"] == f"{setup}-K0")
-        bound = 1.0 / max(base["engine_busy"], base["trainer_busy"])
-        for r in results:
-            if r["run"].startswith(setup):
-                r["speedup_vs_K0"] = r["samples_per_sec"] / base["samples_per_sec"]
-                r["overlap_bound_vs_K0"] = bound
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"steps": args.steps, "warmup_steps": WARMUP,
-                               "machine": "2 CPU cores shared, XLA host devices = 2",
-                               "results": results}, indent=2) + "\n")
+        for name in args.runs.split(","):
+            setup, k = name.rsplit("-K", 1)
+            res = run(name, [*SETUPS[setup], "--max-staleness", k], args.steps, Path(d))
+            print(json.dumps({x: y for x, y in res.items() if x != "losses"}), flush=True)
+            results.append(res)
+            compare(results)
+            OUT.parent.mkdir(parents=True, exist_ok=True)  # kept after every run
+            OUT.write_text(json.dumps({"steps": args.steps, "warmup_steps": WARMUP,
+                                       "machine": "2 CPU cores shared, XLA host devices = 2",
+                                       "results": results}, indent=2) + "\n")
     print("| run | samples/s | step s | engine busy | trainer busy | staleness max | "
           "vs K=0 | perfect-overlap bound |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['run']} | {r['samples_per_sec']:.2f} | {r['step_sec']:.2f} | "
               f"{r['engine_busy']:.2f} | {r['trainer_busy']:.2f} | {r['staleness_max']} | "
-              f"{r['speedup_vs_K0']:.2f}x | {r['overlap_bound_vs_K0']:.2f}x |")
+              f"{r.get('speedup_vs_K0', float('nan')):.2f}x | "
+              f"{r.get('overlap_bound_vs_K0', float('nan')):.2f}x |")
 
 
 if __name__ == "__main__":
