@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tunix.generate import utils as gen_utils
-from tunix.rl import common, function_registry
+from tunix.rl import common
 from tunix.rl import rl_cluster as rl_cluster_lib
 
-from tunix_sglang import probe
+from tunix_sglang import algorithms, probe
+from tunix_sglang import cluster as cluster_lib
 
 
 @dataclasses.dataclass
@@ -42,6 +43,11 @@ class StepResult:
     trainer_logps_sec: float
     num_samples: int
     redispatched_groups: int  # remote rollout: prompt groups re-run after a server failed
+    # DAPO's dynamic sampling (0, 0, batch size without it): zero-variance groups dropped,
+    # rollouts added to refill, informative groups trained on (fewer: the bound was hit).
+    groups_filtered: int
+    resample_rounds: int
+    groups_trained: int
     rewards_by_fn: dict[str, float]
     proof: probe.Proof
 
@@ -62,6 +68,10 @@ class StepContext:
     reward_fns: list[Callable[..., list[float]]]
     seed: int
     sync_check_threshold: float | None  # None: the calibrated default of the engine dtype
+    # DAPO's dynamic sampling: None: off; else rollouts a step may add, of the prompts that
+    # refill(step, round) draws.
+    max_resample_rounds: int | None = None
+    refill: Callable[[int, int], dict[str, np.ndarray]] | None = None
 
 
 def trainer_version(ctx: StepContext) -> int:
@@ -126,12 +136,28 @@ def rollout_mismatch(trainer_logps: np.ndarray, engine_logps: np.ndarray, mask: 
     return float(np.mean(np.expm1(r) - r)), float(np.max(np.abs(r)))
 
 
-def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int):
-    """prompts -> rollout -> rewards -> advantages: a Tunix TrainExample and step stats."""
+@dataclasses.dataclass
+class Rollout:
+    """One rollout of G completions for each prompt of a batch, scored; rows are samples."""
+
+    prompt_ids: np.ndarray  # [N, P] left-padded
+    completion_ids: np.ndarray  # [N, T] right-padded with the pad id
+    engine_logps: np.ndarray | None  # [N, T] the engine's logprobs of the sampled tokens
+    rewards: np.ndarray  # [N] what the advantages are computed from
+    rewards_by_fn: dict[str, float]  # each reward function's mean
+    version: int  # the weight version the samples were generated with
+    rollout_sec: float
+    redispatched_groups: int  # remote rollout: prompt groups re-run after a server failed
+
+
+def sample(ctx: StepContext, batch: dict[str, np.ndarray], step: int, round_: int = 0
+           ) -> Rollout:
+    """prompts -> rollout -> rewards, for the step's batch (round 0) or a refill (round r)."""
     g = ctx.algo.num_generations
     cluster = ctx.cluster
     cfg = rollout_config(ctx)
-    cfg.seed = ctx.seed * 1_000_003 + step  # fresh samples every step, reproducible per run
+    # Fresh samples every step and refill round, reproducible per run.
+    cfg.seed = ctx.seed * 1_000_003 + step + round_ * 100_003
     repeated = {k: np.repeat(v, g, axis=0) for k, v in batch.items()}  # [B] -> [B*G]
     prompts = [str(p) for p in repeated["prompts"]]
 
@@ -145,58 +171,127 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
         raise probe.SyncCheckError(f"step {step}: one rollout mixed weight versions "
                                    f"{sorted(versions)}")
 
-    width = cfg.max_tokens_to_generate
-    pad, eos = cluster.rollout.pad_id(), cluster.rollout.eos_id()
+    width, pad = cfg.max_tokens_to_generate, cluster.rollout.pad_id()
     completion_ids = np.array([
         gen_utils.pad_to_length(np.asarray(t), width, pad, left=False) for t in out.tokens
     ])
-    prompt_ids = jnp.asarray(out.left_padded_prompt_tokens)
-    completion_mask = completion_ids != pad
-
-    ref_logps = None
-    if ctx.algo.beta != 0.0:
-        ref_logps = cluster.get_ref_per_token_logps(
-            prompt_tokens=prompt_ids, completion_tokens=jnp.asarray(completion_ids),
-            pad_id=pad, eos_id=eos,
-        )
-    mismatch, logps_sec = (None, None), 0.0
-    if out.logprobs is not None and not _rollout_shares_actor(cluster):
-        t1 = time.perf_counter()
-        trainer = np.asarray(_process_local(trainer_logps_of_rollout(
-            ctx, prompt_ids, jnp.asarray(completion_ids))))
-        engine = np.zeros_like(trainer)
+    engine = None
+    if out.logprobs is not None:
+        engine = np.zeros(completion_ids.shape, np.float32)
         for i, lp in enumerate(out.logprobs):
             engine[i, :len(lp)] = lp[:width]
-        mismatch = rollout_mismatch(trainer, engine, completion_mask)
-        logps_sec = time.perf_counter() - t1
 
     columns = {k: v for k, v in repeated.items() if k != "prompts"}
     rewards, by_fn = score(ctx, prompts, list(out.text), columns)
-    advantages = function_registry.get_advantage_estimator(ctx.algo.advantage_estimator)(
-        rewards=rewards, num_generations=g
+    overlong = algorithms.overlong_rewards(ctx.algo, out.tokens)  # DAPO's, in tokens
+    if overlong is not None:
+        rewards = rewards + overlong
+        by_fn["overlong_penalty"] = float(np.mean(overlong))
+    return Rollout(
+        prompt_ids=np.asarray(out.left_padded_prompt_tokens), completion_ids=completion_ids,
+        engine_logps=engine, rewards=rewards, rewards_by_fn=by_fn, version=versions.pop(),
+        rollout_sec=rollout_sec,
+        redispatched_groups=int(getattr(cluster.rollout, "last_rollout_stats", {}).get(
+            "redispatched_groups", 0)),
     )
+
+
+def gather_groups(rounds: list[Rollout], selection: algorithms.Selection, g: int, pad: int
+                  ) -> tuple[Rollout, np.ndarray]:
+    """The selected groups of the rounds as one batch, and its completion mask (zero on
+    the selection's padding groups, which then weigh nothing in the loss)."""
+    rows = [(r, i * g + k) for r, i in selection.groups for k in range(g)]
+    width = max(x.prompt_ids.shape[1] for x in rounds)
+
+    def take(field: str, left_pad_to: int | None = None) -> np.ndarray:
+        out = []
+        for r, j in rows:
+            row = getattr(rounds[r], field)[j]
+            if left_pad_to is not None:
+                row = np.pad(row, (left_pad_to - len(row), 0), constant_values=pad)
+            out.append(row)
+        return np.stack(out)
+
+    batch = Rollout(
+        prompt_ids=take("prompt_ids", width), completion_ids=take("completion_ids"),
+        engine_logps=None if rounds[0].engine_logps is None else take("engine_logps"),
+        rewards=take("rewards"), rewards_by_fn={}, version=rounds[0].version,
+        rollout_sec=0.0, redispatched_groups=0)
+    mask = batch.completion_ids != pad
+    mask[len(rows) - selection.padding * g:] = False
+    return batch, mask
+
+
+def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int):
+    """prompts -> rollout -> rewards (-> dynamic sampling) -> advantages: a Tunix
+    TrainExample and step stats."""
+    g = ctx.algo.num_generations
+    cluster = ctx.cluster
+    pad, eos = cluster.rollout.pad_id(), cluster.rollout.eos_id()
+
+    rounds = [sample(ctx, batch, step)]
+    if ctx.max_resample_rounds is None:
+        selection = algorithms.Selection.everything(len(batch["prompts"]))
+    else:
+        # DAPO's dynamic sampling: a group whose completions all got the same reward has
+        # advantage 0 everywhere (no gradient); drop it and refill the batch with groups of
+        # further prompts, drawn per (seed, step, round) so a resumed run draws the same.
+        def more(round_: int) -> np.ndarray:
+            cluster_lib.step_barrier(f"step{step}/resample{round_}")  # all processes agree
+            rounds.append(sample(ctx, ctx.refill(step, round_), step, round_))
+            return rounds[-1].rewards
+
+        selection = algorithms.dynamic_sampling(rounds[0].rewards, more, g,
+                                                ctx.max_resample_rounds)
+    if len({r.version for r in rounds}) != 1:
+        raise probe.SyncCheckError(f"step {step}: refill rollouts mixed weight versions "
+                                   f"{sorted({r.version for r in rounds})}")
+    trained, completion_mask = gather_groups(rounds, selection, g, pad)
+    prompt_ids = jnp.asarray(trained.prompt_ids)
+    completion_ids = jnp.asarray(trained.completion_ids)
+
+    ref_logps = None
+    if ctx.algo.beta:  # DAPO's config has None: no KL term
+        ref_logps = cluster.get_ref_per_token_logps(
+            prompt_tokens=prompt_ids, completion_tokens=completion_ids, pad_id=pad, eos_id=eos,
+        )
+    mismatch, logps_sec = (None, None), 0.0
+    if trained.engine_logps is not None and not _rollout_shares_actor(cluster):
+        t1 = time.perf_counter()
+        trainer = np.asarray(_process_local(trainer_logps_of_rollout(
+            ctx, prompt_ids, completion_ids)))
+        mismatch = rollout_mismatch(trainer, trained.engine_logps, completion_mask)
+        logps_sec = time.perf_counter() - t1
+
+    advantages = algorithms.advantages(ctx.algo, trained.rewards)
     example = common.TrainExample(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_ids != pad,
-        completion_ids=jnp.asarray(completion_ids),
+        completion_ids=completion_ids,
         completion_mask=jnp.asarray(completion_mask),
         ref_per_token_logps=ref_logps,
         advantages=jax.device_put(advantages),
         old_per_token_logps=None,  # on-policy (num_iterations == 1): ratio is exactly 1
     )
+    # The rollout's figures cover every sample generated this step (refills included).
+    rewards = np.concatenate([r.rewards for r in rounds])
+    lengths = np.concatenate([(r.completion_ids != pad).sum(axis=-1) for r in rounds])
     stats = dict(
         reward_mean=float(np.mean(rewards)),
         reward_std=float(np.std(rewards)),
-        completion_len_mean=float(np.mean(completion_mask.sum(axis=-1))),
-        rollout_sec=rollout_sec,
-        rollout_weight_version=versions.pop(),
+        completion_len_mean=float(np.mean(lengths)),
+        rollout_sec=sum(r.rollout_sec for r in rounds),
+        rollout_weight_version=rounds[0].version,
         mismatch_kl=mismatch[0],
         mismatch_max_abs=mismatch[1],
         trainer_logps_sec=logps_sec,
-        num_samples=len(out.tokens),
-        redispatched_groups=int(getattr(cluster.rollout, "last_rollout_stats", {}).get(
-            "redispatched_groups", 0)),
-        rewards_by_fn=by_fn,
+        num_samples=len(rewards),
+        redispatched_groups=sum(r.redispatched_groups for r in rounds),
+        groups_filtered=selection.groups_filtered,
+        resample_rounds=selection.resample_rounds,
+        groups_trained=selection.groups_trained,
+        rewards_by_fn={k: float(np.mean([r.rewards_by_fn[k] for r in rounds]))
+                       for k in rounds[0].rewards_by_fn},
     )
     return example, stats
 

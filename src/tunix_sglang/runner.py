@@ -45,6 +45,19 @@ class Batches:
             epoch, pos = divmod(i, n)
             order = np.random.default_rng([self.seed, epoch]).permutation(n)
             picked.append(self.rows[order[pos]])
+        return self._columns(picked)
+
+    def refill(self, step: int, round_: int) -> dict[str, np.ndarray]:
+        """Further prompts for round `round_` >= 1 of step's dynamic sampling: they depend
+        only on (seed, step, round) too. (numpy pads seeds with zeros, so round >= 1 keeps
+        this stream apart from the batches' [seed, epoch].)"""
+        n = len(self.rows)
+        rng = np.random.default_rng([self.seed, step, round_])
+        picked = rng.choice(n, self.batch_size, replace=n < self.batch_size)
+        return self._columns([self.rows[i] for i in picked])
+
+    @staticmethod
+    def _columns(picked: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         # Tunix needs numpy arrays, not lists of str (lists are split per character).
         return {k: np.array([r[k] for r in picked]) for k in picked[0]}
 
@@ -96,10 +109,9 @@ def build_cluster(cfg: TrainConfig, md, tokenizer):
     import optax
     import orbax.checkpoint as ocp
     from tunix.rl import rl_cluster as rl
-    from tunix.rl.grpo.grpo_learner import GRPOConfig, GRPOLearner
     from tunix.sft import metrics_logger
 
-    from tunix_sglang import models, rewards, rollout
+    from tunix_sglang import algorithms, models, rewards, rollout
 
     train_mesh, rollout_mesh = build_meshes(cfg)
     actor = models.load_model(md, train_mesh, cfg.dtype)
@@ -129,10 +141,9 @@ def build_cluster(cfg: TrainConfig, md, tokenizer):
     )
     cluster = rl.RLCluster(actor=actor, reference=reference, tokenizer=tokenizer,
                            cluster_config=cluster_config)
-    algo = GRPOConfig(num_generations=cfg.num_generations, num_iterations=1, beta=cfg.beta,
-                      epsilon=cfg.epsilon)
-    # The learner wires Tunix's GRPO loss into the actor trainer; its loop is not used.
-    GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=rewards.DEFAULT_REWARD_FNS)
+    algo, learner = algorithms.tunix_config(cfg)
+    # The learner wires the algorithm's loss into the actor trainer; its loop is not used.
+    learner(rl_cluster=cluster, algo_config=algo, reward_fns=list(rewards.DEFAULT_REWARD_FNS))
     return cluster, algo
 
 
@@ -187,7 +198,7 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     import jax
 
-    from tunix_sglang import evaluate, grpo_step, report, rewards
+    from tunix_sglang import algorithms, evaluate, grpo_step, report, rewards
     from tunix_sglang.metrics import Console, MetricsWriter
 
     inputs = prepare(cfg, topo)
@@ -197,6 +208,7 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
     ctx = grpo_step.StepContext(
         cluster=cluster, algo=algo, reward_fns=list(rewards.DEFAULT_REWARD_FNS), seed=cfg.seed,
         sync_check_threshold=cfg.sync_check_threshold,
+        max_resample_rounds=algorithms.max_resample_rounds(cfg), refill=inputs.batches.refill,
     )
     out = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)
