@@ -82,6 +82,48 @@ def test_unknown_algorithm_exits_2_with_one_line(run_cli, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_doctor_plans_the_algorithm_on_a_recipe(capsys, monkeypatch, tmp_path):
+    """`doctor --plan --config RECIPE --algorithm dapo`: the recipe (algorithm: grpo) takes
+    the flag, DAPO's beta 0 drops the reference model copy from the plan; GRPO's keeps it."""
+    import json
+
+    from conftest import REPO
+
+    from tunix_sglang.cli import main
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = str(REPO / "recipes" / "qwen3-4b-gsm8k-v4-8.yaml")
+    plans = {}
+    for algo in ("grpo", "dapo"):
+        assert main(["doctor", "--plan", "--config", recipe, "--algorithm", algo,
+                     "--json"]) == 0
+        plans[algo] = json.loads(capsys.readouterr().out)
+    ref = "reference parameters (beta != 0)"
+    assert (plans["grpo"]["algorithm"], plans["grpo"]["beta"]) == ("grpo", 0.04)
+    assert plans["grpo"]["memory"]["parts"][ref] > 0
+    assert (plans["dapo"]["algorithm"], plans["dapo"]["beta"]) == ("dapo", 0.0)
+    assert ref not in plans["dapo"]["memory"]["parts"]
+    assert plans["dapo"]["memory"]["training_device_total"] == \
+        plans["grpo"]["memory"]["training_device_total"] - plans["grpo"]["memory"]["parts"][ref]
+
+
+def test_report_summarises_dynamic_sampling():
+    from tunix_sglang import report
+
+    def rows(filtered, rounds, trained):
+        return [{"step": i + 1, "reward_mean": 1.0, "groups_filtered": f,
+                 "resample_rounds": r, "groups_trained": t}
+                for i, (f, r, t) in enumerate(zip(filtered, rounds, trained, strict=True))]
+
+    dapo = dict(report.summary(rows([0, 2, 5], [0, 1, 4], [4, 4, 3]), []))
+    assert dapo["zero-variance groups dropped (total)"] == 7
+    assert dapo["refill rollouts (total)"] == 5
+    assert dapo["fewest groups trained in a step"] == 3
+    grpo = dict(report.summary(rows([0, 0], [0, 0], [4, 4]), []))  # nothing filtered
+    assert not any("groups" in k or "refill" in k for k in grpo)
+
+
 # ---------------------------------------------------------------------------------------
 # Losses and advantages against hand calculations
 # ---------------------------------------------------------------------------------------
@@ -276,7 +318,9 @@ def test_dynamic_sampling_selection_by_hand():
     sel = algorithms.dynamic_sampling(np.array(rounds[0], np.float32), more, 2, max_rounds=5)
     assert asked == [1, 2]
     assert sel.groups == [(0, 1), (1, 2), (2, 0)] and sel.padding == 0
-    assert (sel.groups_filtered, sel.resample_rounds, sel.groups_trained) == (4, 2, 3)
+    # Filtered: every zero-variance group rolled out (round 2's last one too); the surplus
+    # informative group (2, 1) is neither trained on nor counted as filtered.
+    assert (sel.groups_filtered, sel.resample_rounds, sel.groups_trained) == (5, 2, 3)
 
     asked.clear()
     sel = algorithms.dynamic_sampling(np.array(rounds[0], np.float32), more, 2, max_rounds=1)
