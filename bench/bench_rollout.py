@@ -92,7 +92,7 @@ def sync_vs_put(eng, model, reps: int = 5) -> tuple[list[float], list[float]]:
     """
     from flax import nnx
 
-    from tunix_sglang.weight_map import transform
+    from tunix_sglang.engine.weight_map import transform
 
     state = nnx.state(model, nnx.Param)
     syncs, puts = [], []

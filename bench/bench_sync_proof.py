@@ -53,10 +53,10 @@ def parts() -> dict:
 
     from tunix_sglang.config import EMBEDDED_DEFAULTS, TrainConfig
     from tunix_sglang.engine import EngineSettings, InProcessEngine
+    from tunix_sglang.engine.weight_map import flatten_tunix_params
     from tunix_sglang.models import inspect_model_dir, load_model
     from tunix_sglang.probe import fingerprint, scoring
     from tunix_sglang.warmstart import ensure_warm_model
-    from tunix_sglang.weight_map import flatten_tunix_params
 
     cfg = TrainConfig(**EMBEDDED_DEFAULTS)
     md = inspect_model_dir(ensure_warm_model())

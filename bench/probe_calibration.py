@@ -32,11 +32,11 @@ from flax import nnx  # noqa: E402
 
 from tunix_sglang import probe  # noqa: E402
 from tunix_sglang.engine import EngineSettings, InProcessEngine  # noqa: E402
+from tunix_sglang.engine.weight_map import flatten_tunix_params  # noqa: E402
 from tunix_sglang.models import inspect_model_dir, load_model  # noqa: E402
 from tunix_sglang.probe import fingerprint, scoring  # noqa: E402
-from tunix_sglang.rollout.common import copy_params  # noqa: E402
+from tunix_sglang.rollout.base import copy_params  # noqa: E402
 from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model  # noqa: E402
-from tunix_sglang.weight_map import flatten_tunix_params  # noqa: E402
 
 LRS = (2e-4, 3e-5, 1e-6, 1e-7)
 MAX_PROMPT = 64

@@ -16,7 +16,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TUNIX_SGLANG_EMBEDDED_MODEL", "random")
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K_TRAIN = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# 128 GSM8K problems (MIT) in the repository, train and test splits: tests/data/gsm8k/README.md
+GSM8K_DIR = REPO / "tests" / "data" / "gsm8k"
+GSM8K_TRAIN = GSM8K_DIR / "train.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +113,7 @@ def one_adamw_step(model, lr: float, seed: int = 0):
     import optax
     from flax import nnx
 
-    from tunix_sglang.rollout.common import copy_params
+    from tunix_sglang.rollout.base import copy_params
 
     model = copy_params(model)
     vocab = int(model.embedder.input_embedding.value.shape[0])

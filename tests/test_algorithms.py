@@ -335,7 +335,7 @@ def test_dynamic_sampling_selection_by_hand():
 
 
 def test_refill_prompts_depend_only_on_seed_step_round():
-    from tunix_sglang.runner import Batches
+    from tunix_sglang.data import Batches
 
     rows = [{"prompts": f"p{i}", "answer": str(i)} for i in range(50)]
     b = Batches(rows, batch_size=4, seed=3)
@@ -364,7 +364,7 @@ def _crc_reward_fn(calls: list):
 def dapo_run(tmp_path_factory):
     """A real DAPO cluster with Tunix's own sampler (vanilla rollout), random tiny model
     (untied: the tied one's samples are all alike)."""
-    from tunix_sglang import grpo_step, runner
+    from tunix_sglang import grpo_step, runner, tunix_cluster
     from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model
 
     md = ensure_tiny_model(TinyModelSpec(tie_word_embeddings=False),
@@ -377,7 +377,7 @@ def dapo_run(tmp_path_factory):
     algorithms.fill_defaults(cfg, {"overlong_penalty", "max_resample_rounds"})
     cfg.validate()
     inputs = runner.prepare(cfg, None)
-    cluster, algo = runner.build_cluster(cfg, inputs.md, inputs.tokenizer)
+    cluster, algo = tunix_cluster.build_cluster(cfg, inputs.md, inputs.tokenizer)
     calls: list = []
     ctx = grpo_step.StepContext(cluster, algo, [_crc_reward_fn(calls)], cfg.seed, None,
                                 max_resample_rounds=3, refill=inputs.batches.refill)

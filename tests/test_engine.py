@@ -26,12 +26,11 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from tunix_sglang import probe  # noqa: E402
-from tunix_sglang.engine import EngineSettings, InProcessEngine  # noqa: E402
+from tunix_sglang.engine import EngineSettings, IncompleteSyncError, InProcessEngine  # noqa: E402
 from tunix_sglang.errors import UserError  # noqa: E402
 from tunix_sglang.models import inspect_model_dir, load_model, load_tokenizer  # noqa: E402
 from tunix_sglang.probe.scoring import tunix_greedy, tunix_token_logprobs  # noqa: E402
 from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model  # noqa: E402
-from tunix_sglang.weight_map import IncompleteSyncError  # noqa: E402
 
 MAX_PROMPT, MAX_NEW, BATCH = 32, 16, 8
 PROMPTS = [[11, 23, 42, 7, 99], [5, 64, 31, 17, 3, 58, 12], [300, 301]]
@@ -259,7 +258,7 @@ def test_rollout_as_rlcluster_builds_it(tmp_path_factory):
     from tunix.rl import utils as rl_utils
     from tunix.rl.rollout import base_rollout
 
-    from tunix_sglang.rollout.sglang_inprocess import SglangJaxRollout
+    from tunix_sglang.rollout.inprocess import InProcessRollout
 
     md = inspect_model_dir(ensure_tiny_model(cache_dir=tmp_path_factory.mktemp("tied")))
     actor = load_model(md, one_device_mesh())
@@ -272,7 +271,7 @@ def test_rollout_as_rlcluster_builds_it(tmp_path_factory):
     rc = base_rollout.RolloutConfig(max_tokens_to_generate=8, max_prompt_length=24,
                                     temperature=1.0, top_p=1.0, top_k=None,
                                     eos_tokens=[tok.eos_id()], seed=3)
-    factory = functools.partial(SglangJaxRollout, model_dir=md, train_config=TrainCfg())
+    factory = functools.partial(InProcessRollout, model_dir=md, train_config=TrainCfg())
     rollout = factory(rollout_actor=actor, tokenizer=tok, mesh=one_device_mesh(), rollout_config=rc)
     try:
         assert rollout.weight_version == 0 and rollout.last_sync.num_params > 0
@@ -291,7 +290,7 @@ def test_rollout_as_rlcluster_builds_it(tmp_path_factory):
             assert text == tok.decode(t.tolist(), skip_special_tokens=True)
             ref = tunix_token_logprobs(actor, ids, t, 1.0)
             assert np.max(np.abs(ref - lp)) <= 1e-4
-        assert rollout.last_versions == [0] * 4
+        assert rollout.last_samples.versions == [0] * 4
         # Tunix's sync path: nnx.State of Params, under its transfer guards.
         other = perturbed(actor, 0.3)
         with pytest.raises(probe.NotArrivedError, match="did not arrive at the rollout engine"):
@@ -308,8 +307,12 @@ def test_rollout_as_rlcluster_builds_it(tmp_path_factory):
         comp = np.full((4, 8), rollout.pad_id(), np.int32)
         for i, t in enumerate(out.tokens):
             comp[i, :len(t)] = t
-        logps = rollout.get_per_token_logps(prompt_ids, jnp.asarray(comp))
+        logps = np.asarray(rollout.get_per_token_logps(prompt_ids, jnp.asarray(comp)))
         assert logps.shape == (4, 8)
+        # ...under the synced weights (`other`), at the last rollout's temperature (1).
+        for p, t, row in zip(prompts, out.tokens, logps, strict=True):
+            ref = tunix_token_logprobs(other, tok.encode(p), t, 1.0)
+            assert np.max(np.abs(row[:len(t)] - ref)) <= 1e-4
     finally:
         rollout.close()
 
@@ -324,17 +327,19 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, sys.argv[2])
     assert len(jax.devices()) == 4
-    from tunix_sglang.compat import sglang_jax_fixes as fixes
+    from tunix_sglang import compat
+    from tunix_sglang.compat.base import ORIGINALS
     from tunix_sglang.engine import EngineSettings, InProcessEngine
+    from tunix_sglang.engine.scheduler_hooks import engine_devices
     from tunix_sglang.models import inspect_model_dir, load_model
     from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model
 
-    fixes.apply()
+    compat.apply_all()
     # The unpatched mesh builder always takes every device; the fix honours the choice.
-    orig = fixes.ORIGINALS["scheduler.create_device_mesh"]
+    orig = ORIGINALS["scheduler.create_device_mesh"]
     from sgl_jax.srt.managers import scheduler as sched
     assert orig([-1, 1, 1], [1, 1, 1]).devices.size == 4
-    with fixes.engine_devices(jax.devices()[2:]):
+    with engine_devices(jax.devices()[2:]):
         mesh = sched.create_device_mesh([-1, 1, 1], [1, 1, 1])
     assert sorted(d.id for d in mesh.devices.flat) == [2, 3]
 

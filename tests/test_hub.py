@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, hf_cache_with
 
+from tunix_sglang.config import check_model_name
 from tunix_sglang.errors import UserError
-from tunix_sglang.hub import check_name
 from tunix_sglang.models import inspect_model_dir
 
 NAME = "tiny-org/tiny-qwen3"
@@ -105,11 +105,11 @@ def test_local_model_dir_missing_a_shard(tiny_dir, tmp_path):
 
 
 def test_model_names_are_checked(tmp_path):
-    check_name("Qwen/Qwen3-0.6B")
+    check_model_name("Qwen/Qwen3-0.6B")
     for bad in ("qwen3", "Qwen/Qwen3/extra", "https://huggingface.co/Qwen/Qwen3-0.6B"):
         with pytest.raises(UserError, match="ORG/NAME"):
-            check_name(bad)
+            check_model_name(bad)
     local = tmp_path / "org" / "model"
     local.mkdir(parents=True)
     with pytest.raises(UserError, match="--local-model-dir"):
-        check_name(str(local))
+        check_model_name(str(local))

@@ -20,7 +20,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tunix_sglang import faults, probe, weight_map  # noqa: E402
+from tunix_sglang import faults, probe  # noqa: E402
+from tunix_sglang.engine import weight_map  # noqa: E402
 from tunix_sglang.models import inspect_model_dir, load_model, load_tokenizer  # noqa: E402
 from tunix_sglang.probe import fingerprint, scoring  # noqa: E402
 from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model  # noqa: E402
@@ -93,7 +94,7 @@ def setup(request, tmp_path_factory):
     from tunix.generate.tokenizer_adapter import TokenizerAdapter
     from tunix.rl.rollout import base_rollout
 
-    from tunix_sglang.rollout.sglang_inprocess import SglangJaxRollout
+    from tunix_sglang.rollout.inprocess import InProcessRollout
 
     spec, dtype = MODELS[request.param]
     md = inspect_model_dir(ensure_tiny_model(spec, cache_dir=tmp_path_factory.mktemp("m")))
@@ -101,7 +102,7 @@ def setup(request, tmp_path_factory):
     tok = TokenizerAdapter(load_tokenizer(md))
     rc = base_rollout.RolloutConfig(max_tokens_to_generate=8, max_prompt_length=32,
                                     temperature=1.0, eos_tokens=[tok.eos_id()])
-    rollout = functools.partial(SglangJaxRollout, model_dir=md, train_config=TrainCfg(dtype))(
+    rollout = functools.partial(InProcessRollout, model_dir=md, train_config=TrainCfg(dtype))(
         rollout_actor=trainer, tokenizer=tok, mesh=one_device_mesh(), rollout_config=rc)
     yield rollout, trainer, dtype
     rollout.close()

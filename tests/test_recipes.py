@@ -114,18 +114,17 @@ def test_a_recipe_on_a_slice_too_small_does_not_fit(run_cli, tmp_path):
 
 
 def test_plan_engine_settings_are_the_rollouts(tmp_path):
-    """The plan's engine settings are what SglangJaxRollout derives from the runner's
+    """The plan's engine settings are what the in-process rollout derives from the run's
     rollout config for the same run."""
-    from tunix_sglang.rollout.sglang_inprocess import SglangJaxRollout
-    from tunix_sglang.runner import train_rollout_config
+    from tunix_sglang.rollout.base import derive_settings
+    from tunix_sglang.tunix_cluster import train_rollout_config
 
     for recipe in RECIPES:
         cfg = build_config(str(recipe), {})
         if cfg.rollout_engine != "sglang_jax":
             continue
         path = plan_lib.model_config(cfg)[0].parent
-        derived = SglangJaxRollout._derive_settings(
-            None, None, train_rollout_config(cfg, [0]), path, cfg, {})
+        derived = derive_settings(None, None, train_rollout_config(cfg, [0]), path, cfg)
         assert plan_lib.engine_settings(cfg, path) == derived, recipe.name
 
 

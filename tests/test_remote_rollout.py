@@ -106,7 +106,7 @@ def check_output(out, rollout, tok, model, prompts):
     # Greedy: the G samples of one prompt are identical; distinct prompts keep their place.
     for i in range(0, len(prompts), G):
         assert all(out.tokens[i].tolist() == out.tokens[j].tolist() for j in range(i, i + G))
-    assert rollout.last_versions == [rollout.weight_version] * len(prompts)
+    assert rollout.last_samples.versions == [rollout.weight_version] * len(prompts)
 
 
 def test_grouping_and_balance():
@@ -208,6 +208,7 @@ def test_sigkill_during_rollout_loses_and_duplicates_nothing(rollout, tok, actor
     assert killed, "the victim got no work"
     check_output(out, rollout, tok, actor, prompts)
     assert rollout.last_rollout_stats["redispatched_groups"] == len(killed[0])
+    assert rollout.last_samples.redispatched_groups == len(killed[0])  # what a step records
     survivor = rollout.servers[0].url
     assert rollout.last_servers == [survivor] * len(prompts)
     assert not victim.up

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tunix_sglang import report
+from tunix_sglang import report, run_files
 from tunix_sglang.errors import UserError
-from tunix_sglang.evaluate import EvalResult, append_eval
+from tunix_sglang.evaluate import EvalResult, record
 
 PLOT_RE = re.compile(r'<img class="plot" alt="([^"]*)" src="data:image/png;base64,([^"]+)"')
 
@@ -36,7 +36,7 @@ def fake_run(out: Path, steps: int = 12) -> Path:
         f.write('{"step": 13, "loss"')  # a row cut by a kill must not break the report
     (out / "config.json").write_text(json.dumps({"steps": steps, "learning_rate": 1e-3}))
     for step, acc in ((0, 0.1), (steps, 0.4)):
-        append_eval(out, step, EvalResult(n=50, strict_acc=acc, lenient_acc=acc + 0.1,
+        record(out, step, EvalResult(n=50, strict_acc=acc, lenient_acc=acc + 0.1,
                                           reward_mean=acc * 5, samples=[]))
     return out
 
@@ -74,7 +74,7 @@ def test_report_has_every_plot_as_png(tmp_path):
 
 def test_report_cli_entry_and_recorded_environment(tmp_path, capsys):
     out = fake_run(tmp_path / "run")
-    env = report.write_environment(out)
+    env = run_files.write_environment(out)
     assert json.loads(env.read_text())["python"]
     parser = argparse.ArgumentParser()
     report.add_report_parser(parser.add_subparsers(dest="command"))

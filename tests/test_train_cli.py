@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import GSM8K_TRAIN, REPO, cli_cmd
+from conftest import GSM8K_DIR, REPO, cli_cmd
 
-from tunix_sglang.metrics import REQUIRED_KEYS
+from tunix_sglang.run_files import REQUIRED_KEYS
 
 STEP_RE = re.compile(r"^Train step (\d+) training loss: (-?[\d.]+(?:e-?\d+)?)$", re.M)
 
@@ -156,15 +156,18 @@ def test_yaml_config_and_unknown_key(run_cli, tmp_path):
     assert p.returncode == 2 and "stepz" in p.stderr
 
 
-@pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason="shared GSM8K train split not present")
-def test_train_on_real_gsm8k_file(run_cli, tmp_path):
+def test_train_on_gsm8k_files(run_cli, tmp_path):
+    """GSM8K in its Hugging Face layout (the repository's sample): trains on train.jsonl and
+    evaluates before and after on test.jsonl."""
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
-        f"data: gsm8k\ndata_path: {GSM8K_TRAIN}\nsteps: 1\nmax_prompt_length: 512\n"
-        f"max_new_tokens: 16\nrollout_engine: vanilla\noutput_dir: {out}\n"
+        f"data: gsm8k\ndata_path: {GSM8K_DIR}\nsteps: 1\nmax_prompt_length: 512\n"
+        f"max_new_tokens: 16\nrollout_engine: vanilla\noutput_dir: {out}\neval_limit: 4\n"
     )
     p = run_cli("train", "--config", str(cfg))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Train step 1 training loss" in p.stdout
     assert rows(out)[0]["step"] == 1
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["n"]) for e in evals] == [(0, 4), (1, 4)]

@@ -17,6 +17,7 @@ from tunix_sglang.config import (
     build_config,
 )
 from tunix_sglang.errors import UserError
+from tunix_sglang.protocol import TOKEN_ENV
 
 # (flag, type, help); the default shown comes from TrainConfig, so YAML can still set it.
 _TRAIN_FLAGS: list[tuple[str, type, str]] = [
@@ -79,8 +80,8 @@ def _train_parser(sub) -> None:
         p.add_argument(flag, type=typ, help=f"{text} (default: {default})")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the last checkpoint in --output-dir")
-    p.add_argument("--server-token", help="shared token for rollout servers (or env "
-                   "TUNIX_SGLANG_SERVER_TOKEN); never written to config.json")
+    p.add_argument("--server-token", help=f"shared token for rollout servers (or env "
+                   f"{TOKEN_ENV}); never written to config.json")
     g = p.add_argument_group("multi-host (set by `tunix-sglang launch`; on TPU auto-detected)")
     g.add_argument("--coordinator-address", help="host:port of process 0")
     g.add_argument("--num-processes", type=int, help="processes in the JAX cluster")
@@ -90,7 +91,7 @@ def _train_parser(sub) -> None:
 def _quiet_logs() -> None:
     """Keep the console to one line per step: library INFO logs go nowhere by default."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tunix_sglang.cluster import default_platform
+    from tunix_sglang.topology import default_platform
 
     default_platform()
     if os.environ.get("TUNIX_SGLANG_VERBOSE"):
@@ -125,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_logs()
     try:
         if args.command == "train":
-            from tunix_sglang.cluster import Topology
+            from tunix_sglang.topology import Topology
 
             topo_keys = ("coordinator_address", "num_processes", "process_id")
             topo = Topology.from_env(*(getattr(args, k) for k in topo_keys))
             if args.server_token:
-                os.environ["TUNIX_SGLANG_SERVER_TOKEN"] = args.server_token
+                os.environ[TOKEN_ENV] = args.server_token
             skip = ("command", "config", "server_token", *topo_keys)
             overrides = {k: v for k, v in vars(args).items() if k not in skip}
             cfg = build_config(args.config, overrides)
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         # Failures the run detects itself (a sync that did not arrive, hosts out of step):
         # one line, not a traceback. Anything else keeps its traceback.
-        from tunix_sglang.cluster import DesyncError
         from tunix_sglang.probe import SyncCheckError
+        from tunix_sglang.topology import DesyncError
 
         if not isinstance(e, (SyncCheckError, DesyncError)):
             raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,10 +115,8 @@ class TrainConfig:
                             "(or unset for the calibrated default of the dtype)")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
-        from tunix_sglang.hub import check_choice
-
         algorithms.validate(self)
-        check_choice(self.local_model_dir, self.model)
+        check_model_choice(self.local_model_dir, self.model)
         if self.target is not None:
             from tunix_sglang.tpu_targets import get_target
 
@@ -157,6 +157,40 @@ class TrainConfig:
         if self.output_dir is None:
             self.output_dir = str(default_output_dir(self.resume))
         return Path(self.output_dir).expanduser().resolve()
+
+
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_model_choice(local_model_dir: str | None, model: str | None) -> None:
+    """At most one of --local-model-dir and --model, and a model id that looks like one."""
+    if local_model_dir and model:
+        raise UserError("--model and --local-model-dir both name the model; pass one")
+    if model is not None:
+        check_model_name(model)
+
+
+def check_model_name(name: str) -> None:
+    """A Hugging Face model id (ORG/NAME); a one-line UserError otherwise."""
+    if Path(name).expanduser().is_dir():
+        raise UserError(f"--model {name}: that is a local directory; pass it as "
+                        "--local-model-dir")
+    if not _MODEL_NAME_RE.fullmatch(name):
+        raise UserError(f"--model {name!r}: not a Hugging Face model id; use ORG/NAME, e.g. "
+                        "Qwen/Qwen3-0.6B (or --local-model-dir DIR)")
+
+
+EMBEDDED_ENV = "TUNIX_SGLANG_EMBEDDED_MODEL"
+
+
+def embedded_is_warm() -> bool:
+    """Whether runs without a model (--local-model-dir, --model) use the warm-started
+    embedded model (the default), or the random tiny one (`TUNIX_SGLANG_EMBEDDED_MODEL=random`:
+    plumbing checks)."""
+    choice = os.environ.get(EMBEDDED_ENV, "warm")
+    if choice not in ("warm", "random"):
+        raise UserError(f"{EMBEDDED_ENV}={choice!r} is unknown; use 'warm' (default) or 'random'")
+    return choice == "warm"
 
 
 # The embedded default (no --local-model-dir: the warm-started tiny model) trains with these
@@ -210,8 +244,6 @@ def load_yaml(path: str) -> dict[str, Any]:
 def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults (the embedded default's when no model is given), then the YAML file, then
     command-line values that were given."""
-    from tunix_sglang.warmstart import embedded_is_warm
-
     values: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
     given = {k: v for k, v in overrides.items() if v is not None}
     for group in ONE_CHOICE:

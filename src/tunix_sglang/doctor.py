@@ -20,12 +20,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tunix_sglang import cluster as cluster_lib
 from tunix_sglang import plan as plan_lib
+from tunix_sglang import topology
 from tunix_sglang.checks import Check, DeviceFacts
 from tunix_sglang.config import DATA_SOURCES, PROMPT_LENGTH, ROLLOUT_ENGINES, TrainConfig
 from tunix_sglang.tpu_lock import DEFAULT_LOCKFILE, check_tpu_lock
 from tunix_sglang.tpu_targets import TARGETS, get_target
+from tunix_sglang.tunix_cluster import compilation_cache_dir
 
 PROJECT_DIST = "tunix-sglang"
 # (distribution, what to call it) in the order they are reported.
@@ -147,19 +148,19 @@ def check_versions(rollout_engine: str = "sglang_jax") -> list[Check]:
 
 
 def check_compat_fixes() -> Check:
-    """Which fixes to the released packages are active (what apply_all reports)."""
+    """Every fix of the compat registry, and whether the installed packages needed it."""
     try:
         from tunix_sglang import compat
 
-        active = compat.apply_all()
+        fixes = compat.status()
     except Exception as e:  # a broken fix must be reported, not crash the doctor
         return Check("compat fixes", "FAIL", f"apply_all() raised {type(e).__name__}: {e}",
                      "the installed Tunix / sglang-jax differ from what the fixes expect; "
                      "reinstall the tested versions", blocking=True)
-    if not active:
-        return Check("compat fixes", "OK", "none needed by the installed packages")
-    listed = "\n".join(f"{name}: {why}" for name, why in active.items())
-    return Check("compat fixes", "OK", f"{len(active)} active:\n{listed}")
+    active = sum(applied for _, applied in fixes)
+    listed = "\n".join(f"{fix.name}: {fix.why}" + ("" if applied else " (not needed here)")
+                       for fix, applied in fixes)
+    return Check("compat fixes", "OK", f"{active} of {len(fixes)} active:\n{listed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def check_processes(facts: DeviceFacts, env: Mapping[str, str] | None = None) ->
         return Check("processes", "WARN", "unknown (no backend)")
     detail = (f"process {facts.process_index} of {facts.process_count}; "
               f"{facts.local_device_count} local / {facts.device_count} global devices")
-    hosts = cluster_lib.tpu_worker_hosts(env)
+    hosts = topology.tpu_worker_hosts(env)
     if len(hosts) > facts.process_count:
         return Check("processes", "WARN",
                      f"{detail}, but TPU_WORKER_HOSTNAMES lists {len(hosts)} workers",
@@ -287,12 +288,6 @@ def check_pathways(env: Mapping[str, str] | None = None) -> Check:
     return Check("Pathways", "OK", detail)
 
 
-def default_cache_dir() -> str:
-    # Mirrors runner.default_compilation_cache, which `train` applies when nothing is set.
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return os.path.join(base, "tunix-sglang", "jax")
-
-
 def check_compilation_cache(env: Mapping[str, str] | None = None) -> Check:
     env = os.environ if env is None else env
     chosen = env.get("JAX_COMPILATION_CACHE_DIR")
@@ -302,7 +297,7 @@ def check_compilation_cache(env: Mapping[str, str] | None = None) -> Check:
         chosen = jax.config.jax_compilation_cache_dir
     if not chosen:
         return Check("compilation cache", "OK", "not set here; `train` uses "
-                     f"{default_cache_dir()} (restarts skip compiles)")
+                     f"{compilation_cache_dir()} (restarts skip compiles)")
     if "://" not in chosen:
         p = Path(chosen).expanduser()
         parent = p if p.exists() else p.parent

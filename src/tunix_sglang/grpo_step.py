@@ -21,8 +21,8 @@ from tunix.generate import utils as gen_utils
 from tunix.rl import common
 from tunix.rl import rl_cluster as rl_cluster_lib
 
-from tunix_sglang import algorithms, probe
-from tunix_sglang import cluster as cluster_lib
+from tunix_sglang import algorithms, probe, topology
+from tunix_sglang.rollout.base import engine_rollout
 
 
 @dataclasses.dataclass
@@ -166,7 +166,11 @@ def sample(ctx: StepContext, batch: dict[str, np.ndarray], step: int, round_: in
     rollout_sec = time.perf_counter() - t0
     # Tunix's own sampler (vanilla) is the trainer's model: its samples are of the trainer's
     # version. The engine rollouts say which version each sample came from.
-    versions = set(getattr(cluster.rollout, "last_versions", None) or [trainer_version(ctx)])
+    engine = engine_rollout(cluster)
+    versions, redispatched = {trainer_version(ctx)}, 0
+    if engine is not None:
+        versions = set(engine.last_samples.versions)
+        redispatched = engine.last_samples.redispatched_groups
     if len(versions) != 1:
         raise probe.SyncCheckError(f"step {step}: one rollout mixed weight versions "
                                    f"{sorted(versions)}")
@@ -175,11 +179,11 @@ def sample(ctx: StepContext, batch: dict[str, np.ndarray], step: int, round_: in
     completion_ids = np.array([
         gen_utils.pad_to_length(np.asarray(t), width, pad, left=False) for t in out.tokens
     ])
-    engine = None
-    if out.logprobs is not None:
-        engine = np.zeros(completion_ids.shape, np.float32)
+    engine_logps = None  # only an engine's: Tunix's sampler is the trainer itself
+    if out.logprobs is not None and engine is not None:
+        engine_logps = np.zeros(completion_ids.shape, np.float32)
         for i, lp in enumerate(out.logprobs):
-            engine[i, :len(lp)] = lp[:width]
+            engine_logps[i, :len(lp)] = lp[:width]
 
     columns = {k: v for k, v in repeated.items() if k != "prompts"}
     rewards, by_fn = score(ctx, prompts, list(out.text), columns)
@@ -189,11 +193,8 @@ def sample(ctx: StepContext, batch: dict[str, np.ndarray], step: int, round_: in
         by_fn["overlong_penalty"] = float(np.mean(overlong))
     return Rollout(
         prompt_ids=np.asarray(out.left_padded_prompt_tokens), completion_ids=completion_ids,
-        engine_logps=engine, rewards=rewards, rewards_by_fn=by_fn, version=versions.pop(),
-        rollout_sec=rollout_sec,
-        redispatched_groups=int(getattr(cluster.rollout, "last_rollout_stats", {}).get(
-            "redispatched_groups", 0)),
-    )
+        engine_logps=engine_logps, rewards=rewards, rewards_by_fn=by_fn,
+        version=versions.pop(), rollout_sec=rollout_sec, redispatched_groups=redispatched)
 
 
 def gather_groups(rounds: list[Rollout], selection: algorithms.Selection, g: int, pad: int
@@ -237,7 +238,7 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
         # advantage 0 everywhere (no gradient); drop it and refill the batch with groups of
         # further prompts, drawn per (seed, step, round) so a resumed run draws the same.
         def more(round_: int) -> np.ndarray:
-            cluster_lib.step_barrier(f"step{step}/resample{round_}")  # all processes agree
+            topology.step_barrier(f"step{step}/resample{round_}")  # all processes agree
             rounds.append(sample(ctx, ctx.refill(step, round_), step, round_))
             return rounds[-1].rewards
 
@@ -256,7 +257,7 @@ def make_train_example(ctx: StepContext, batch: dict[str, np.ndarray], step: int
             prompt_tokens=prompt_ids, completion_tokens=completion_ids, pad_id=pad, eos_id=eos,
         )
     mismatch, logps_sec = (None, None), 0.0
-    if trained.engine_logps is not None and not _rollout_shares_actor(cluster):
+    if trained.engine_logps is not None:
         t1 = time.perf_counter()
         trainer = np.asarray(_process_local(trainer_logps_of_rollout(
             ctx, prompt_ids, completion_ids)))
@@ -324,7 +325,7 @@ def sync_and_prove(ctx: StepContext) -> probe.Proof:
     """Push the trainer's weights to the rollout (Tunix's sync: one version per optimizer
     step), then prove they arrived and are what the engine computes with."""
     cluster = ctx.cluster
-    if _rollout_shares_actor(cluster):
+    if engine_rollout(cluster) is None:
         cluster.global_steps += 1  # Tunix does this in place of a sync
         return probe.Proof("shared", trainer_version(ctx))
     cluster.sync_weights()
@@ -341,17 +342,12 @@ def check_sync(ctx: StepContext) -> probe.Proof:
 def initial_sync(ctx: StepContext) -> probe.Proof:
     """Give the rollout the trainer's current (possibly restored) weights before step 1."""
     cluster = ctx.cluster
-    if _rollout_shares_actor(cluster):
+    engine = engine_rollout(cluster)
+    if engine is None:
         return probe.Proof("shared", trainer_version(ctx))
     params = nnx.state(cluster.actor_trainer.model, nnx.Param)
-    cluster.rollout.update_params(params, (nnx.Param,), version=trainer_version(ctx))
+    engine.update_params(params, (nnx.Param,), version=trainer_version(ctx))
     return check_sync(ctx)
-
-
-def _rollout_shares_actor(cluster: rl_cluster_lib.RLCluster) -> bool:
-    from tunix.rl import utils as rl_utils
-
-    return rl_utils.is_sharing_weights(cluster.actor_trainer.model, cluster.rollout.model())
 
 
 def run_step(ctx: StepContext, batch: dict[str, np.ndarray], step: int) -> StepResult:

@@ -10,34 +10,15 @@ memory plan needs neither the network nor the weights.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from tunix_sglang.config import check_model_choice, check_model_name
 from tunix_sglang.errors import UserError
 from tunix_sglang.models import missing_weight_files
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # What a model directory needs (models.inspect_model_dir); no other formats, no extras.
 FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
 PUBLISHED = Path(__file__).resolve().parent / "published"
-
-
-def check_choice(local_model_dir: str | None, model: str | None) -> None:
-    """At most one of --local-model-dir and --model, and a model id that looks like one."""
-    if local_model_dir and model:
-        raise UserError("--model and --local-model-dir both name the model; pass one")
-    if model is not None:
-        check_name(model)
-
-
-def check_name(name: str) -> None:
-    """A Hugging Face model id (ORG/NAME); a one-line UserError otherwise."""
-    if Path(name).expanduser().is_dir():
-        raise UserError(f"--model {name}: that is a local directory; pass it as "
-                        "--local-model-dir")
-    if not _NAME_RE.fullmatch(name):
-        raise UserError(f"--model {name!r}: not a Hugging Face model id; use ORG/NAME, e.g. "
-                        "Qwen/Qwen3-0.6B (or --local-model-dir DIR)")
 
 
 def _cache_dir() -> str:
@@ -62,7 +43,7 @@ def fetch(name: str) -> Path:
         RepositoryNotFoundError,
     )
 
-    check_name(name)
+    check_model_name(name)
     try:
         path = Path(snapshot_download(name, allow_patterns=FILES))
     except GatedRepoError:
@@ -92,7 +73,7 @@ def config_json(name: str) -> tuple[Path, str]:
     shipped one, or config.json alone from the hub."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    check_name(name)
+    check_model_name(name)
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
         return Path(cached), "Hugging Face cache"
@@ -109,7 +90,7 @@ def config_json(name: str) -> tuple[Path, str]:
 def model_dir(local_model_dir: str | None, model: str | None) -> Path:
     """The run's model directory: --local-model-dir, else --model fetched by name, else the
     embedded default."""
-    check_choice(local_model_dir, model)
+    check_model_choice(local_model_dir, model)
     if local_model_dir:
         return Path(local_model_dir).expanduser()
     if model:

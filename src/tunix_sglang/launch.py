@@ -16,8 +16,8 @@ import sys
 import threading
 import time
 
-from tunix_sglang.cluster import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from tunix_sglang.errors import UserError
+from tunix_sglang.topology import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
 
 def add_launch_parser(sub) -> None:

@@ -197,7 +197,7 @@ def gib(n: float) -> str:
 
 
 def _split_devices(inputs: PlanInputs, num_devices: int) -> tuple[int, int, bool]:
-    """(training devices, rollout devices, shared) as runner.build_meshes places them."""
+    """(training devices, rollout devices, shared) as tunix_cluster.build_meshes places them."""
     n_roll = inputs.rollout_devices
     if n_roll in (0, num_devices):
         return num_devices, num_devices, True

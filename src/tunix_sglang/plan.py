@@ -63,7 +63,7 @@ def engine_settings(cfg: TrainConfig, model_path: str | Path, processes: int = 1
                     ) -> EngineSettings | None:
     """The in-process engine a run of `cfg` builds on each host (None: it builds none).
 
-    What `SglangJaxRollout` derives from the runner's rollout config and `cfg` (a test pins
+    What `rollout.base.derive_settings` makes of the run's rollout config and `cfg` (a test pins
     the two equal); host-local engines on several processes each take their host's share.
     """
     if cfg.rollout_engine != "sglang_jax":

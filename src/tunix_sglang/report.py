@@ -3,12 +3,9 @@
 One self-contained file: the plots are PNGs (matplotlib, Agg backend) embedded as base64 data
 URIs, no scripts and no external resources, so it opens anywhere without a network.
 
-Inputs, all in the run's output directory:
-- `metrics.jsonl`: one JSON object per step (written by the runner; required);
-- `eval.jsonl`: `{"step", "n", "strict_acc", "lenient_acc", "reward_mean"}` per evaluation
-  (`evaluate.append_eval`; step 0 is the model before training);
-- `config.json` (the run's TrainConfig), `environment.json` (`write_environment`, optional:
-  without it the report shows the environment it is generated in), `tensorboard/` (listed).
+Inputs, all in the run's output directory (`run_files`): `metrics.jsonl` (required),
+`eval.jsonl`, `config.json`, `environment.json` (without it the report shows the environment
+it is generated in), `tensorboard/` (listed).
 """
 
 from __future__ import annotations
@@ -17,81 +14,14 @@ import argparse
 import base64
 import html
 import io
-import json
 import math
-import platform
 from pathlib import Path
 from typing import Any
 
+from tunix_sglang import run_files
 from tunix_sglang.errors import UserError
 
 REPORT_FILE = "report.html"
-ENV_FILE = "environment.json"
-_PACKAGES = ("jax", "jaxlib", "flax", "google-tunix", "sglang-jax", "optax", "numpy",
-             "transformers", "matplotlib", "tunix-sglang")
-
-
-# ------------------------------------------------------------------------------ inputs
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a line cut by a kill is skipped, not fatal."""
-    rows = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def load_metrics(out_dir: Path) -> list[dict[str, Any]]:
-    path = out_dir / "metrics.jsonl"
-    if not out_dir.is_dir():
-        raise UserError(f"{out_dir} is not a directory; pass the --output-dir of a training run")
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass the --output-dir of a training run "
-                        "(it writes metrics.jsonl)")
-    rows = [r for r in read_jsonl(path) if isinstance(r.get("step"), int | float)]
-    if not rows:
-        raise UserError(f"{path} has no step rows; let the run finish at least one step")
-    # The last row of a step wins (a resumed run may have re-run it).
-    by_step = {int(r["step"]): r for r in rows}
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def environment() -> dict[str, Any]:
-    """Versions of Python and the stack, JAX's backend and devices."""
-    from importlib import metadata
-
-    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in _PACKAGES:
-        try:
-            env[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            env[pkg] = "not installed"
-    try:
-        import jax
-
-        devices = jax.devices()
-        env["backend"] = jax.default_backend()
-        env["devices"] = f"{len(devices)} x {devices[0].device_kind}" if devices else "none"
-        env["process_count"] = jax.process_count()
-    except Exception as e:  # a broken accelerator set-up must not cost the report
-        env["backend"] = f"unavailable ({type(e).__name__})"
-    return env
-
-
-def write_environment(out_dir: str | Path) -> Path:
-    """Record the training environment beside metrics.jsonl (call once per run)."""
-    path = Path(out_dir) / ENV_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(environment(), indent=2))
-    return path
 
 
 # ------------------------------------------------------------------------------- plots
@@ -354,22 +284,16 @@ def render_html(out_dir: Path, rows: list[dict[str, Any]], evals: list[dict[str,
 
 def write_report(out_dir: str | Path) -> Path:
     """Write `<out_dir>/report.html` from the run's files; returns its path."""
-    from tunix_sglang.evaluate import read_evals
-
     out = Path(out_dir)
-    rows = load_metrics(out)
-    evals = sorted(read_evals(out), key=lambda e: e.get("step", 0))
-    config = None
-    if (out / "config.json").is_file():
-        try:
-            config = json.loads((out / "config.json").read_text())
-        except json.JSONDecodeError:
-            config = {"config.json": "unreadable"}
-    env_path = out / ENV_FILE
-    if env_path.is_file():
-        env, source = json.loads(env_path.read_text()), "recorded by the run"
-    else:
-        env, source = environment(), "where this report was generated"
+    rows = run_files.load_metrics(out)
+    evals = run_files.read_evals(out)
+    try:
+        config = run_files.read_config(out)
+    except UserError:
+        config = {"config.json": "unreadable"}
+    env, source = run_files.read_environment(out), "recorded by the run"
+    if env is None:
+        env, source = run_files.environment(), "where this report was generated"
     path = out / REPORT_FILE
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(render_html(out, rows, evals, config, env, source), encoding="utf-8")

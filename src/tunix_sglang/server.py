@@ -54,16 +54,17 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from tunix_sglang import faults
+from tunix_sglang import protocol as api
 from tunix_sglang.errors import UserError
+from tunix_sglang.protocol import ENGINE_DIED_EXIT, READY_PREFIX, TOKEN_ENV
 from tunix_sglang.server_guard import (
-    TOKEN_ENV,
     Guard,
     check_bind,
     check_token,
     install_error_handlers,
     one_line,
 )
-from tunix_sglang.server_liveness import ENGINE_DIED_EXIT, EngineLiveness
+from tunix_sglang.server_liveness import EngineLiveness
 from tunix_sglang.server_requests import (
     BeginUpload,
     GenerateRequest,
@@ -92,7 +93,6 @@ DEFAULT_MAX_UPLOAD_BYTES = 8 << 30
 DEFAULT_MAX_REQUEST_BYTES = 32 << 20
 DEFAULT_UPLOAD_IDLE_SECONDS = 120.0
 MAX_CHUNKS_IN_FLIGHT = 4
-READY_PREFIX = "READY "
 
 
 def _tune_malloc() -> None:
@@ -144,7 +144,6 @@ class ServerState:
         self.digest: str | None = None  # manifest digest of the weights last pushed
         self.paused = False
         self.liveness = EngineLiveness(engine)
-        self.started_at = time.time()
         self.counters = {"generate_requests": 0, "samples": 0, "pushes": 0}
         self.last_apply: dict[str, Any] | None = None
         self._engine_lock = threading.Lock()  # one version per batch; applies between batches
@@ -260,7 +259,7 @@ class ServerState:
               digest: str | None = None) -> dict[str, Any]:
         """Apply checked weights as `version` (atomic: all or nothing). The answer carries the
         engine's own fingerprints of what it then holds (the controller checks them)."""
-        from tunix_sglang.weight_map import IncompleteSyncError
+        from tunix_sglang.engine import IncompleteSyncError
 
         t0 = time.perf_counter()
         with self._engine_lock:
@@ -358,59 +357,59 @@ def create_app(state: ServerState) -> FastAPI:
             (WireError, 422, ""), (WeightsRejected, 422, "weights rejected, nothing changed: ")):
         app.add_exception_handler(exc_type, _status_handler(code, prefix))
 
-    @app.get("/health")
+    @app.get(api.HEALTH)
     def health():
         ok, body = state.health()
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/version")
+    @app.get(api.VERSION)
     def version() -> dict[str, int]:
         return {"weight_version": state.version}
 
-    @app.get("/info")
+    @app.get(api.INFO)
     def info() -> dict[str, Any]:
         return state.info()
 
-    @app.post("/generate", response_model=GenerateResponse)
+    @app.post(api.GENERATE, response_model=GenerateResponse)
     def generate(req: GenerateRequest):
         return state.generate(req)
 
-    @app.post("/probe")
+    @app.post(api.PROBE)
     def probe(req: ProbeRequest) -> dict[str, Any]:
         return state.probe(req)
 
-    @app.post("/weights/uploads")
+    @app.post(api.UPLOADS)
     def begin(req: BeginUpload) -> dict[str, Any]:
         return state.begin_upload(req.manifest, req.version)
 
-    @app.put("/weights/uploads/{upload_id}/chunks/{index}")
+    @app.put(api.UPLOAD_CHUNK)
     async def put_chunk(upload_id: str, index: int, request: Request) -> dict[str, Any]:
         return await state.receive_chunk(upload_id, index, request.stream())
 
-    @app.post("/weights/uploads/{upload_id}/commit")
+    @app.post(api.UPLOAD_COMMIT)
     def commit(upload_id: str) -> dict[str, Any]:
         return state.commit_upload(upload_id)
 
-    @app.delete("/weights/uploads/{upload_id}")
+    @app.delete(api.UPLOAD)
     def abort(upload_id: str) -> dict[str, str]:
         state.uploads.abort(upload_id)
         return {"status": "aborted"}
 
-    @app.post("/weights/load")
+    @app.post(api.WEIGHTS_LOAD)
     def load(req: LoadRequest) -> dict[str, Any]:
         return state.load_path(req.path, req.version)
 
-    @app.post("/pause")
+    @app.post(api.PAUSE)
     def pause() -> dict[str, bool]:
         state.paused = True
         return {"paused": True}
 
-    @app.post("/resume")
+    @app.post(api.RESUME)
     def resume() -> dict[str, bool]:
         state.paused = False
         return {"paused": False}
 
-    @app.post("/flush")
+    @app.post(api.FLUSH)
     def flush() -> dict[str, str]:
         state.flush()
         return {"status": "flushed"}
@@ -519,7 +518,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.weights_root is not None and not Path(args.weights_root).is_dir():
         raise UserError(f"serve --weights-root {args.weights_root}: not a directory")
     faults.active()  # a mistyped TUNIX_SGLANG_INJECT_FAULT fails here, not mid-run
-    from tunix_sglang.cluster import default_platform
+    from tunix_sglang.topology import default_platform
 
     default_platform()
     from tunix_sglang import hub, models
@@ -529,7 +528,7 @@ def _serve(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     _tune_malloc()
     from tunix_sglang.engine import EngineSettings, InProcessEngine
-    from tunix_sglang.runner import default_compilation_cache
+    from tunix_sglang.tunix_cluster import default_compilation_cache
 
     default_compilation_cache()  # restarts skip most engine compiles
     settings = EngineSettings(

@@ -21,13 +21,11 @@ import urllib.parse
 from typing import Any
 
 from tunix_sglang.errors import UserError
+from tunix_sglang.protocol import AUTH_HEADER, BEARER, PUBLIC_PATHS, TOKEN_ENV, UPLOADS
 
 logger = logging.getLogger(__name__)
 
-TOKEN_ENV = "TUNIX_SGLANG_SERVER_TOKEN"
 MIN_TOKEN_CHARS = 16
-PUBLIC_PATHS = frozenset({"/health", "/version", "/openapi.json", "/docs",
-                          "/docs/oauth2-redirect", "/redoc"})
 _DETAIL_CHARS = 400
 
 
@@ -109,12 +107,13 @@ class Guard:
                     host_of(origin.decode("latin-1").partition("://")[2])):
                 return 403, "cross-origin requests are refused (this server has no token)"
         elif not (method in ("GET", "HEAD") and path in PUBLIC_PATHS):
-            got = headers.get(b"authorization", b"")
-            if not (got.startswith(b"Bearer ")
-                    and hmac.compare_digest(got[7:], self.token)):
+            got = headers.get(AUTH_HEADER.encode(), b"")
+            bearer = BEARER.encode()
+            if not (got.startswith(bearer)
+                    and hmac.compare_digest(got[len(bearer):], self.token)):
                 return 401, "missing or wrong token (Authorization: Bearer TOKEN)"
         if method in ("POST", "PUT", "PATCH"):
-            limit = (self.max_chunk_bytes if path.startswith("/weights/uploads/")
+            limit = (self.max_chunk_bytes if path.startswith(UPLOADS + "/")
                      and "/chunks/" in path else self.max_request_bytes)
             length = headers.get(b"content-length")
             if length is None:

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tunix_sglang import faults
+from tunix_sglang.protocol import ENGINE_DIED_EXIT
 from tunix_sglang.server_guard import one_line
 
-ENGINE_DIED_EXIT = 3
 FAULT = "server_engine_death"
 
 

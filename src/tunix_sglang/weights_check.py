@@ -201,7 +201,7 @@ def load_weights(root: Path, path: str, spec: ParamSpec, dtype: str) -> tuple[di
 
 def _load_dir(root: Path, p: Path, spec: ParamSpec, dtype: str) -> tuple[dict, int]:
     from tunix_sglang import models
-    from tunix_sglang.weight_map import flatten_tunix_params
+    from tunix_sglang.engine.weight_map import flatten_tunix_params
 
     files = sorted(p.glob("*.safetensors"))
     for f in [p / "config.json", *files]:

@@ -389,7 +389,7 @@ def flat_numpy_params(params: Any, float_dtype: str | None = None) -> dict[str, 
     """
     import jax
 
-    from tunix_sglang.weight_map import flatten_tunix_params
+    from tunix_sglang.engine.weight_map import flatten_tunix_params
 
     flat, _ = flatten_tunix_params(params)
     with jax.transfer_guard("allow"):

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from tunix_sglang.engine.weight_map import IncompleteSyncError, flatten_tunix_params
 from tunix_sglang.probe import fingerprint, scoring
-from tunix_sglang.weight_map import IncompleteSyncError, flatten_tunix_params
 
 # Default --sync-check-threshold: max |Δ logprob| over the probe's top-16 tokens. Calibrated
 # in bench/probe_calibration.py (bench/README.md, "Sync proof"): float32 engines agree with

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tunix_sglang import weight_map
+import tunix_sglang.engine.weight_map as weight_map
 
 SEEDS = (0x9E3779B9, 0x7F4A7C15)
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}

@@ -22,8 +22,7 @@ from typing import Any
 
 from tunix_sglang import faults
 from tunix_sglang.errors import UserError
-from tunix_sglang.server_guard import TOKEN_ENV
-from tunix_sglang.server_liveness import ENGINE_DIED_EXIT
+from tunix_sglang.protocol import ENGINE_DIED_EXIT, READY_PREFIX, TOKEN_ENV
 
 # A server whose engine died exits after its graceful shutdown (5 s) and the engine's.
 ENGINE_EXIT_WAIT = 30.0
@@ -62,7 +61,7 @@ class LaunchedServer:
         for line in iter(proc.stdout.readline, ""):
             line = line.rstrip("\n")
             self.tail.append(line[-400:])
-            if line.startswith("READY ") and proc is self.proc:
+            if line.startswith(READY_PREFIX) and proc is self.proc:
                 self.url = line.split()[1]
                 self._ready.set()
 

@@ -2,11 +2,12 @@
 
 `--rollout-engine sglang_jax_remote` for users who cannot colocate the engine with the
 trainer. The servers are `tunix-sglang serve` processes (tunix_sglang.server), given as
-URLs or launched here (`launch_servers=K`, rollout.launcher: subprocesses on 127.0.0.1,
-stopped by PID with `close()`, SIGKILL after a grace period).
+URLs or launched here (`launch_servers=K`, rollout/launcher.py: subprocesses on 127.0.0.1,
+stopped by PID with `close()`, SIGKILL after a grace period); rollout/client.py makes the
+HTTP calls to each (routes and headers: tunix_sglang.protocol).
 
 Per step:
-* `generate` groups identical consecutive prompts (the trainer repeats each prompt G times),
+* `generate_ids` groups identical consecutive prompts (the trainer repeats each prompt G times),
   spreads whole groups over the servers that hold the current weight version, and gathers
   the samples back in the original order. Each request carries `expected_version`, so a
   server on another version refuses the work instead of returning off-policy samples.
@@ -30,7 +31,6 @@ import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
-import http.client
 import logging
 import os
 import time
@@ -38,16 +38,18 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import httpx
 import numpy as np
 from tunix.rl.rollout import base_rollout
 
 from tunix_sglang import probe
+from tunix_sglang import protocol as api
+from tunix_sglang.engine import EngineSettings
 from tunix_sglang.errors import UserError
 from tunix_sglang.probe.scoring import ProbeSequence
-from tunix_sglang.rollout.common import CopyBackedRollout, copy_params, seed_to_int
-from tunix_sglang.rollout.launcher import LaunchedServer, await_restarts, launch_servers
-from tunix_sglang.server_guard import TOKEN_ENV, check_token
+from tunix_sglang.rollout.base import Rollout, Samples, Sampling, derive_settings
+from tunix_sglang.rollout.client import ServerClient, ServerFailure
+from tunix_sglang.rollout.launcher import await_restarts, launch_servers
+from tunix_sglang.server_guard import check_token
 from tunix_sglang.weights_wire import DEFAULT_CHUNK_BYTES, Payload, flat_numpy_params, pack
 
 logger = logging.getLogger(__name__)
@@ -57,109 +59,16 @@ class AllServersDownError(UserError):
     """No rollout server can take work; the run should checkpoint and stop."""
 
 
-class ServerFailure(Exception):
-    """One server failed one call (down, timed out, refused); the controller routes around it."""
-
-
-# -- One server ---------------------------------------------------------------------------
-
-
-class ServerClient:
-    """HTTP calls to one rollout server; every failure becomes ServerFailure."""
-
-    def __init__(self, url: str, token: str | None, request_timeout: float,
-                 launched: LaunchedServer | None = None):
-        self.url = url.rstrip("/")
-        self.token = token
-        self.request_timeout = request_timeout
-        self.launched = launched
-        self.headers = {"authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(
-            base_url=self.url, headers=self.headers,
-            timeout=httpx.Timeout(request_timeout, connect=5.0, pool=5.0),
-        )
-        self.up = False
-        self.version: int | None = None
-        self.info: dict[str, Any] = {}
-        self.last_error = ""
-        self.relaunches = 0
-        self.params: dict[str, Any] = {}  # its fingerprints after the last push (probe)
-
-    def __repr__(self) -> str:
-        return f"ServerClient({self.url}, up={self.up}, v={self.version})"
-
-    def call(self, method: str, path: str, json: Any = None, timeout: float | None = None):
-        try:
-            t = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
-            r = self.http.request(method, path, json=json, timeout=t)
-        except httpx.HTTPError as e:
-            raise ServerFailure(f"{self.url}{path}: {type(e).__name__}: {e}") from None
-        if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            raise ServerFailure(f"{self.url}{path}: HTTP {r.status_code}: {detail}")
-        return r.json()
-
-    def health(self, timeout: float = 3.0) -> dict[str, Any]:
-        return self.call("GET", "/health", timeout=timeout)
-
-    def push(self, payload: Payload, version: int) -> float:
-        """Begin, stream every chunk, commit; returns seconds. Raises ServerFailure."""
-        t0 = time.perf_counter()
-        m = payload.manifest
-        began = self.call("POST", "/weights/uploads",
-                          {"version": version, "manifest": m.as_json()})
-        uid = began["upload_id"]
-        u = urllib.parse.urlsplit(self.url)
-        # http.client sends a memoryview with one sendall (no copies; httpx re-slices bytes).
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=self.request_timeout)
-        try:
-            for i in range(m.num_chunks):
-                for attempt in range(3):  # a CRC mismatch is resent
-                    body = payload.chunk(i)
-                    conn.request("PUT", f"/weights/uploads/{uid}/chunks/{i}", body=body,
-                                 headers={**self.headers, "content-type":
-                                          "application/octet-stream"})
-                    r = conn.getresponse()
-                    text = r.read()
-                    if r.status < 400:
-                        break
-                    if r.status != 422 or b"CRC32" not in text or attempt == 2:
-                        raise ServerFailure(f"{self.url}: chunk {i}: HTTP {r.status}: "
-                                            f"{text[:300].decode(errors='replace')}")
-        except (OSError, http.client.HTTPException) as e:
-            raise ServerFailure(f"{self.url}: push failed: {type(e).__name__}: {e}") from None
-        finally:
-            conn.close()
-        done = self.call("POST", f"/weights/uploads/{uid}/commit")
-        if int(done["weight_version"]) != version:
-            raise ServerFailure(f"{self.url}: acknowledged version {done['weight_version']}, "
-                                f"pushed {version}")
-        self.version = version
-        self.params = probe.params_from_json(done.get("params") or {})
-        return time.perf_counter() - t0
-
-    def close(self) -> None:
-        self.http.close()
-
-
 @dataclasses.dataclass
 class PushReport:
+    """The last push: its version, seconds and bytes (each server gets all of them), the
+    servers that acknowledged it and why the others did not."""
+
     version: int
     seconds: float
     bytes: int
-    pack_seconds: float
     servers: list[str]
     failed: dict[str, str]
-    per_server_seconds: dict[str, float]
-
-    @property
-    def bytes_per_second(self) -> float:
-        """Per-server transfer rate (each server receives all bytes)."""
-        slowest = max(self.per_server_seconds.values(), default=0.0)
-        return self.bytes / slowest if slowest > 0 else 0.0
 
 
 # -- The controller -----------------------------------------------------------------------
@@ -206,60 +115,43 @@ def _urls(servers: Any) -> list[str]:
     return out
 
 
-class RemoteRollout(CopyBackedRollout):
+class RemoteRollout(Rollout):
     """Rollouts on remote sglang-jax servers with versioned weight pushes."""
 
-    def __init__(
-        self,
-        rollout_actor: Any,
-        tokenizer: Any,
-        mesh: Any,
-        rollout_config: base_rollout.RolloutConfig,
-        *,
-        model_dir: Any = None,
-        train_config: Any = None,
-        servers: Any = None,
-        launch_servers: int = 0,
-        token: str | None = None,
-        request_timeout: float = 600.0,
-        rollout_timeout: float = 1800.0,
-        ready_timeout: float = 300.0,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        max_batch: int | None = None,
-        relaunch_dead: bool = True,
-        push_on_init: bool = True,
-        keep_model_copy: bool = True,
-    ):
-        self.tokenizer = tokenizer
-        self.mesh = mesh
-        self.rollout_config = rollout_config
-        self.token = token or os.environ.get(TOKEN_ENV) or None
-        if self.token is not None:
-            check_token(self.token, "--server-token")
-        self.request_timeout = float(request_timeout)
-        self.rollout_timeout = float(rollout_timeout)
-        self.ready_timeout = float(ready_timeout)
-        self.chunk_bytes = int(chunk_bytes)
-        self.relaunch_dead = relaunch_dead
-        self.version = 0
-        self.last_versions: list[int] = []
-        self.last_servers: list[str] = []
-        self.last_push: PushReport | None = None
-        self._expected: dict = {}  # fingerprints of _payload per server layout (catch-up)
-        self.last_rollout_stats: dict[str, Any] = {}
-        self.redispatched_groups = 0
-        self._payload: Payload | None = None
-        self._notes: list[str] = []
-        self.server_dtype: str | None = None  # pushes are cast to it (servers never cast)
-        self._last_temperature = float(getattr(rollout_config, "temperature", 1.0) or 0.0)
-        self._closed = False
-        self._after_dispatch: Callable[[int, dict[str, list[int]]], None] | None = None  # tests
+    def __init__(self, rollout_actor: Any, tokenizer: Any, mesh: Any,
+                 rollout_config: base_rollout.RolloutConfig, *, model_dir: Any = None,
+                 train_config: Any = None, servers: Any = None, launch_servers: int = 0,
+                 token: str | None = None, request_timeout: float = 600.0,
+                 rollout_timeout: float = 1800.0, ready_timeout: float = 300.0,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, relaunch_dead: bool = True,
+                 keep_model_copy: bool = True):
+        token = token or os.environ.get(api.TOKEN_ENV) or None
+        if token is not None:
+            check_token(token, "--server-token")
         urls = _urls(servers)
         if not urls and launch_servers <= 0:
             raise UserError(
                 "--rollout-engine sglang_jax_remote needs --rollout-servers URL,... or "
                 "--launch-servers K"
             )
+        super().__init__(rollout_actor, tokenizer, mesh, rollout_config,
+                         keep_model_copy=keep_model_copy)
+        self.token = token
+        self.request_timeout = float(request_timeout)
+        self.rollout_timeout = float(rollout_timeout)
+        self.ready_timeout = float(ready_timeout)
+        self.chunk_bytes = int(chunk_bytes)
+        self.relaunch_dead = relaunch_dead
+        self.version = 0
+        self.last_servers: list[str] = []
+        self.last_push: PushReport | None = None
+        self.last_rollout_stats: dict[str, Any] = {}
+        self._expected: dict = {}  # fingerprints of _payload per server layout (catch-up)
+        self._payload: Payload | None = None
+        self._notes: list[str] = []
+        self.server_dtype: str | None = None  # pushes are cast to it (servers never cast)
+        self._closed = False
+        self._after_dispatch: Callable[[int, dict[str, list[int]]], None] | None = None  # tests
         self.servers: list[ServerClient] = [
             ServerClient(u, self.token, self.request_timeout) for u in urls
         ]
@@ -269,31 +161,25 @@ class RemoteRollout(CopyBackedRollout):
         atexit.register(self.close)
         try:
             if launch_servers > 0:
-                self._launch(launch_servers, model_dir, train_config, rollout_config, max_batch)
+                self._launch(launch_servers, derive_settings(
+                    rollout_actor, None, rollout_config, model_dir, train_config))
             self._connect()
-            self._model = copy_params(rollout_actor) if keep_model_copy else None
-            if push_on_init and rollout_actor is not None:
+            if rollout_actor is not None:
                 # at the servers' own version: the trainer's first sync sets the real one
-                self.update_params(rollout_actor, None, self.version, _copy=False)
+                self._sync(rollout_actor, self.version)
         except BaseException:
             self.close()
             raise
 
     # -- set-up ---------------------------------------------------------------------------
-    def _launch(self, k, model_dir, train_config, rc, max_batch) -> None:
-        if model_dir is None:
-            raise UserError("launch_servers needs model_dir (the directory the servers load)")
-        if max_batch is None:
-            # Each server can take a whole step alone (what it must do if the others die).
-            max_batch = (int(train_config.batch_size) * int(train_config.num_generations)
-                         if train_config is not None else 8)
+    def _launch(self, k: int, settings: EngineSettings) -> None:
+        """K local servers, each able to take a whole step alone (what it must do if the
+        others die)."""
         procs = launch_servers(
-            k, token=self.token, ready_timeout=self.ready_timeout, model_dir=model_dir,
-            max_prompt_length=int(rc.max_prompt_length),
-            max_new_tokens=int(rc.max_tokens_to_generate), max_batch=int(max_batch),
-            mem_fraction_static=float(getattr(train_config, "sglang_mem_fraction_static", 0.8)),
-            dtype=str(getattr(train_config, "dtype", "float32")),
-            seed=int(getattr(train_config, "seed", 0) or 0),
+            k, token=self.token, ready_timeout=self.ready_timeout, model_dir=settings.model_path,
+            max_prompt_length=settings.max_prompt_len, max_new_tokens=settings.max_new_tokens,
+            max_batch=settings.batch_size, mem_fraction_static=settings.mem_fraction_static,
+            dtype=settings.dtype, seed=settings.seed,
         )
         for p in procs:
             self.servers.append(ServerClient(p.url, self.token, self.request_timeout, p))
@@ -303,7 +189,7 @@ class RemoteRollout(CopyBackedRollout):
         vocab = None
         for s in self.servers:
             try:
-                s.info = s.call("GET", "/info", timeout=10.0)
+                s.info = s.call("GET", api.INFO, timeout=10.0)
             except ServerFailure as e:
                 s.last_error = str(e)
                 self._note(f"rollout server {s.url} unreachable at start: {e}")
@@ -324,10 +210,7 @@ class RemoteRollout(CopyBackedRollout):
             self.server_dtype = self.server_dtype or str(s.info["dtype"])
         if not any(s.up for s in self.servers):
             raise AllServersDownError(self._down_message())
-        self.vocab_size = vocab
-        n_tok = len(getattr(self.tokenizer, "tokenizer", self.tokenizer))
-        if n_tok > vocab:
-            raise UserError(f"tokenizer has {n_tok} ids but the servers' vocab_size is {vocab}")
+        self.check_vocab(vocab, "the servers'")
         # A restarted controller continues after the newest version a server holds
         # (servers refuse pushes older than what they have).
         self.version = max(s.version or 0 for s in self.servers)
@@ -396,43 +279,16 @@ class RemoteRollout(CopyBackedRollout):
     def live_servers(self) -> list[ServerClient]:
         return [s for s in self.servers if s.up and s.version == self.version]
 
-    # -- BaseRollout ----------------------------------------------------------------------
+    # -- Rollout ----------------------------------------------------------------------------
     @property
     def weight_version(self) -> int:
         return self.version
 
-    def generate(
-        self,
-        prompts: list[str],
-        rollout_config: base_rollout.RolloutConfig,
-        **kwargs: Any,
-    ) -> base_rollout.RolloutOutput:
-        max_len = int(rollout_config.max_prompt_length)
-        ids = self.encode_prompts(prompts, max_len)
-        temperature = float(rollout_config.temperature or 0.0)
-        self._last_temperature = temperature
-        params = {
-            "max_new_tokens": int(rollout_config.max_tokens_to_generate),
-            "temperature": temperature,
-            "top_p": 1.0 if rollout_config.top_p is None else float(rollout_config.top_p),
-            "top_k": None if rollout_config.top_k in (None, 0) else int(rollout_config.top_k),
-            "stop_token_ids": [int(t) for t in (rollout_config.eos_tokens or [])] or None,
-        }
-        samples, versions, where = self.generate_ids(ids, params,
-                                                     seed_to_int(rollout_config.seed))
-        self.last_servers = where
-        return self.rollout_output(
-            ids, [np.asarray(s["tokens"], np.int32) for s in samples],
-            [np.asarray(s["logprobs"], np.float32) for s in samples], max_len, versions)
-
-    def generate_ids(
-        self, ids: Sequence[Sequence[int]], params: dict[str, Any], seed: int | None
-    ) -> tuple[list[dict[str, Any]], list[int], list[str]]:
-        """Token-id prompts -> (samples, weight version of each, server URL of each).
-
-        Fault-tolerant dispatch: whole groups per server, re-dispatch of the groups of a
-        server that fails, each group accepted once, original order.
-        """
+    def generate_ids(self, ids: list[list[int]], sampling: Sampling, seed: int | None
+                     ) -> Samples:
+        """Fault-tolerant dispatch: whole groups per server, re-dispatch of the groups of a
+        server that fails, each group accepted once, original order (`last_servers`: the
+        server of each sample)."""
         t_start = time.perf_counter()
         deadline = time.monotonic() + self.rollout_timeout
         groups = group_prompts([tuple(p) for p in ids])
@@ -457,10 +313,11 @@ class RemoteRollout(CopyBackedRollout):
                 if not gids:
                     continue
                 prompts = [list(ids[i]) for g in gids for i in range(*groups[g])]
-                req = dict(params, prompts=prompts, expected_version=self.version,
+                req = dict(dataclasses.asdict(sampling), prompts=prompts,
+                           expected_version=self.version,
                            seed=None if seed is None else (seed + 7919 * rnd + 104729 * j)
                            % 2**31)
-                futures[self._pool.submit(s.call, "POST", "/generate", req)] = (s, gids)
+                futures[self._pool.submit(s.call, "POST", api.GENERATE, req)] = (s, gids)
             overhead += time.perf_counter() - t0
             if self._after_dispatch is not None:
                 self._after_dispatch(rnd, {s.url: gids for s, gids in futures.values()})
@@ -489,37 +346,27 @@ class RemoteRollout(CopyBackedRollout):
                     k += n
                 overhead += time.perf_counter() - t1
             rnd += 1
-        samples, versions, where = [], [], []
+        samples = Samples(list(ids), [], [], [], redispatched)
+        self.last_servers = []
         for g in range(len(groups)):
             got, v, url = results[g]
-            samples += got
-            versions += [v] * len(got)
-            where += [url] * len(got)
-        self.redispatched_groups += redispatched
+            samples.tokens += [np.asarray(x["tokens"], np.int32) for x in got]
+            samples.logprobs += [np.asarray(x["logprobs"], np.float32) for x in got]
+            samples.versions += [v] * len(got)
+            self.last_servers += [url] * len(got)
         self._flush_notes()
         self.last_rollout_stats = {
             "seconds": time.perf_counter() - t_start, "rounds": rnd,
             "redispatched_groups": redispatched, "controller_overhead_seconds": overhead,
             "slowest_server_seconds": server_seconds,
         }
-        return samples, versions, where
+        return samples
 
-    def update_params(self, params: Any, filter_types: Any = None, version: int | None = None,
-                      *, _copy: bool = True):
+    def _sync(self, params: Any, version: int | None) -> None:
         """Push the weights to every server in parallel; wait for each to hold `version`
-        (None: the next one; Tunix's `sync_weights` passes none: one per optimizer step)."""
-
-        types = tuple(filter_types) if isinstance(filter_types, (tuple, list)) else (
-            (filter_types,) if filter_types is not None else ()
-        )
-        if any(getattr(t, "__name__", "") == "LoRAParam" for t in types):
-            raise NotImplementedError(
-                "LoRA weight push to sglang-jax servers is not supported: merge LoRA into the "
-                "base weights or use full fine-tuning"
-            )
+        (None: the next one)."""
         t0 = time.perf_counter()
         payload = pack(flat_numpy_params(params, self.server_dtype), self.chunk_bytes)
-        t_pack = time.perf_counter() - t0
         version = self.version + 1 if version is None else int(version)
         targets = [s for s in self.servers if s.up]
         if not targets:
@@ -530,26 +377,23 @@ class RemoteRollout(CopyBackedRollout):
         if not targets:
             raise AllServersDownError(self._down_message())
         futs = {self._pool.submit(s.push, payload, version): s for s in targets}
-        per, failed = {}, {}
+        done, failed = [], {}
         for f in concurrent.futures.as_completed(futs, timeout=self.request_timeout + 30):
             s = futs[f]
             try:
-                per[s.url] = f.result()
+                f.result()
+                done.append(s.url)
             except ServerFailure as e:
                 failed[s.url] = str(e)
                 self._mark_down(s, str(e))
-        if not per:
+        if not done:
             raise AllServersDownError(self._down_message())
         self.version = version
         self._payload = payload  # for catching up servers that missed this push
         self._expected = {}
-        self.last_push = PushReport(
-            version=version, seconds=time.perf_counter() - t0, bytes=payload.total_bytes,
-            pack_seconds=t_pack, servers=sorted(per), failed=failed, per_server_seconds=per,
-        )
+        self.last_push = PushReport(version, time.perf_counter() - t0, payload.total_bytes,
+                                    sorted(done), failed)
         self._flush_notes()
-        if _copy:
-            self.update_copy(params)
 
     def _refresh_for_push(self) -> None:
         for s in self.servers:
@@ -569,7 +413,8 @@ class RemoteRollout(CopyBackedRollout):
         """Every live server's side of the sync proof (its fingerprints and probe logits)."""
         req = {"prompts": seq.prefixes(), "expected_version": self.version}
         self._refresh()
-        futs = {self._pool.submit(s.call, "POST", "/probe", req): s for s in self.live_servers()}
+        futs = {self._pool.submit(s.call, "POST", api.PROBE, req): s
+                for s in self.live_servers()}
         reports = []
         for f in concurrent.futures.as_completed(futs, timeout=self.request_timeout + 30):
             s = futs[f]

@@ -22,8 +22,6 @@ import math
 import re
 from typing import Any
 
-from tunix_sglang.compat.sglang_jax_fixes import path_names
-
 
 class IncompleteSyncError(RuntimeError):
     """Tunix parameters that cannot be laid out as the engine's: a sync would leave engine
@@ -47,6 +45,21 @@ _RULES: list[tuple[re.Pattern, str, str]] = [
     (re.compile(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.w"),
      r"{B}.layers.\1.\2.scale", "copy"),
 ]
+
+
+def path_names(path) -> list[str]:
+    """Readable names of a pytree key path, without the trailing Variable `.value`."""
+    names = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    if names and names[-1] == "value":
+        names.pop()
+    return names
 
 
 def _engine_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -1,18 +1,16 @@
 """In-process sglang-jax rollout engine with proven in-memory weight sync from Tunix.
 
 One `InProcessEngine` wraps a sglang-jax `Engine` running in this process
-(`enable_single_process=True`: scheduler and detokenizer are threads, no child process):
+(`enable_single_process=True`: scheduler and detokenizer are threads, no child process),
+built from `EngineSettings` (settings.py) with the engine's runtime in its scheduler thread
+(scheduler_hooks.py):
 
-* `EngineSettings` derives every engine shape from the rollout (prompt length, new tokens,
-  prompts x generations), never from sglang-jax defaults, and passes only the ServerArgs
-  fields the installed sglang-jax has.
-* `generate()` sends token ids and gets token ids back (the engine tokenizer is off:
-  notes item 10) with the logprob of every sampled token; it runs on one long-lived asyncio
-  loop thread (notes item 8).
+* `generate()` sends token ids and gets token ids back (the engine's tokenizer is off) with
+  the logprob of every sampled token, on one long-lived asyncio loop thread (loop_thread.py).
 * `sync_from_tunix()` maps Tunix parameter names/layouts onto the engine's (`weight_map`),
   reshards them onto the engine's devices, swaps them into what the jitted forward reads
-  (see compat.sglang_jax_fixes.fix_forward_reads_weights), flushes the KV/radix caches and
-  sets `weight_version` (the trainer's optimizer steps, carried by the sync). Every engine
+  (compat fix `sglang_jax.forward_reads_weights`), flushes the KV/radix caches and sets
+  `weight_version` (the trainer's optimizer steps, carried by the sync). Every engine
   parameter must be written or it raises.
 * `evidence()` is the engine's side of the sync proof (`tunix_sglang.probe`): fingerprints of
   the buffers its forward reads and the logits it computes for the probe's prefixes.
@@ -24,7 +22,6 @@ truncation: `log_softmax(logits / temperature)`, and `log_softmax(logits)` for g
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import concurrent.futures
 import contextlib
@@ -40,254 +37,21 @@ from typing import Any
 
 import numpy as np
 
-from tunix_sglang import faults, weight_map
+from tunix_sglang import compat, faults
+from tunix_sglang.engine import scheduler_hooks, weight_map
+from tunix_sglang.engine.loop_thread import LoopThread
+from tunix_sglang.engine.results import EngineError, Sample, SyncReport
+from tunix_sglang.engine.settings import EngineSettings, select_devices
 from tunix_sglang.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-
-class EngineError(RuntimeError):
-    """The engine failed or returned something inconsistent."""
-
-
-# ---------------------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------------------
-
-# Tokens reserved on top of prompt + new tokens: sglang-jax's scheduler keeps
-# max_req_len = context_len - 1, prompts <= max_req_len - 5, new <= max_req_len - prompt - 1,
-# and its tokenizer manager requires prompt + new < context_len.
-_CONTEXT_SLACK = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineSettings:
-    """Everything the engine is built from; shapes come from the rollout.
-
-    model_path: Hugging Face model directory (config.json is read by the engine; weights are
-      not: the engine starts with dummy weights and is synced from the trainer).
-    max_prompt_len / max_new_tokens: the rollout's longest prompt and completion.
-    batch_size: sequences generated together (prompts x generations per step).
-    mem_fraction_static: `--sglang-mem-fraction-static`, fraction of host RAM (CPU) or
-      device memory the engine may plan for; the KV cache is further capped to what the
-      rollout needs (`max_total_tokens`), so a large fraction is safe (notes item 9).
-    rollout_devices: `--rollout-devices N`: the engine runs on the first N local devices
-      (None: the first `tp_size`).
-    device_ids: explicit device ids instead (overrides rollout_devices).
-    global_devices: choose among every process's devices (`jax.devices()`), not only this
-      process's: one engine mesh spanning several processes (multi-host lockstep). Every
-      process must then start the engine with the same settings.
-    """
-
-    model_path: str
-    max_prompt_len: int
-    max_new_tokens: int
-    batch_size: int
-    mem_fraction_static: float = 0.8
-    rollout_devices: int | None = None
-    device_ids: tuple[int, ...] | None = None
-    global_devices: bool = False
-    tp_size: int = 1
-    dtype: str = "float32"
-    seed: int = 0
-    disable_radix_cache: bool = False
-    token_paddings: tuple[int, ...] | None = None
-    bs_paddings: tuple[int, ...] | None = None
-    precompile: bool = True
-    log_level: str = "error"
-    extra_server_args: tuple[tuple[str, Any], ...] = ()
-
-    def __post_init__(self):
-        for name in ("max_prompt_len", "max_new_tokens", "batch_size", "tp_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise UserError(f"engine setting {name}={v!r} must be a positive integer")
-        f = self.mem_fraction_static
-        if not isinstance(f, (int, float)) or not 0.0 < float(f) < 1.0:
-            raise UserError(
-                f"--sglang-mem-fraction-static {f!r}: must be a number strictly between 0 and 1"
-            )
-        if self.rollout_devices is not None and (
-            not isinstance(self.rollout_devices, int) or self.rollout_devices <= 0
-        ):
-            raise UserError(f"--rollout-devices {self.rollout_devices!r}: must be a positive int")
-
-    @classmethod
-    def for_rollout(
-        cls,
-        model_path: str,
-        *,
-        max_prompt_len: int,
-        max_new_tokens: int,
-        num_prompts: int,
-        num_generations: int = 1,
-        **kw: Any,
-    ) -> EngineSettings:
-        return cls(
-            model_path=str(model_path),
-            max_prompt_len=int(max_prompt_len),
-            max_new_tokens=int(max_new_tokens),
-            batch_size=int(num_prompts) * int(num_generations),
-            **kw,
-        )
-
-    # -- derived values -------------------------------------------------------------------
-    @property
-    def context_length(self) -> int:
-        return self.max_prompt_len + self.max_new_tokens + _CONTEXT_SLACK
-
-    @property
-    def max_prefill_tokens(self) -> int:
-        return max(self.batch_size * self.max_prompt_len, self.batch_size)
-
-    def derived_bs_paddings(self) -> list[int]:
-        if self.bs_paddings:
-            return sorted({min(int(b), self.batch_size) for b in self.bs_paddings})
-        # Decode batches shrink as sequences finish: bs, bs/4, bs/16 (each is one compile).
-        out, b = [], self.batch_size
-        while b >= 1 and len(out) < 3:
-            out.append(b)
-            b //= 4
-        return sorted(set(out))
-
-    def derived_token_paddings(self, native: bool = False) -> list[int]:
-        top = self.max_prefill_tokens
-        if self.token_paddings:
-            return sorted({int(t) for t in self.token_paddings if self.batch_size <= t <= top}
-                          | {top})
-        sizes = {top // 4, top}
-        if native:  # CPU: a prefill costs its padding x the whole KV window; the sync proof's
-            from tunix_sglang.probe.scoring import PROBE_TOKEN_PADDING  # gets its own size
-
-            sizes.add(PROBE_TOKEN_PADDING)
-        return sorted(t for t in sizes if self.batch_size <= t <= top)
-
-    def server_args_values(self, backend: str) -> dict[str, Any]:
-        """All ServerArgs values this engine wants (before filtering by the installed version)."""
-        native = backend == "cpu"
-        v: dict[str, Any] = dict(
-            model_path=str(self.model_path),
-            skip_tokenizer_init=True,  # token ids in/out (notes item 10)
-            load_format="dummy",  # weights come from the trainer right after start
-            dtype=self.dtype,
-            context_length=self.context_length,
-            mem_fraction_static=float(self.mem_fraction_static),
-            max_running_requests=self.batch_size,
-            max_total_tokens=self.batch_size * self.context_length,
-            max_prefill_tokens=self.max_prefill_tokens,
-            chunked_prefill_size=-1,
-            # page_size 1 on CPU: the native attention backend assumes packed keys while
-            # page_size > 1 page-aligns KV slots -> wrong attention for every sequence after
-            # the first in a batch (notes item 6, logprob errors up to 0.76).
-            page_size=1 if native else 128,
-            attention_backend="native" if native else "fa",
-            device=backend,
-            tp_size=self.tp_size,
-            random_seed=self.seed,
-            enable_single_process=True,
-            disable_overlap_schedule=True,
-            disable_radix_cache=self.disable_radix_cache,
-            precompile_bs_paddings=self.derived_bs_paddings(),
-            precompile_token_paddings=self.derived_token_paddings(native),
-            disable_jax_precompile=not self.precompile,
-            log_level=self.log_level,
-            max_seq_len=self.context_length,
-        )
-        v.update(dict(self.extra_server_args))
-        return v
-
-    def server_args_kwargs(self, server_args_cls=None, backend: str | None = None):
-        """(kwargs the installed ServerArgs accepts, names it does not have)."""
-        if server_args_cls is None:
-            from sgl_jax.srt.server_args import ServerArgs as server_args_cls
-        if backend is None:
-            import jax
-
-            backend = jax.default_backend()
-        fields = {f.name for f in dataclasses.fields(server_args_cls)}
-        wanted = self.server_args_values(backend)
-        kwargs = {k: val for k, val in wanted.items() if k in fields}
-        dropped = sorted(k for k in wanted if k not in fields)
-        return kwargs, dropped
-
-
-def host_local_share(batch_size: int, num_processes: int) -> int:
-    """Sequences a host-local engine is built for: its host's share of the batch, rounded up."""
-    return max(1, -(-batch_size // num_processes))
-
-
-def host_local_device_count(rollout_devices: int, mesh_size: int, num_processes: int,
-                            num_local: int) -> int:
-    """Local devices a host-local engine uses: the rollout mesh's share per process
-    (--rollout-devices counts global devices; 0 means the whole mesh)."""
-    return min(max(1, (rollout_devices or mesh_size) // num_processes), num_local)
-
-
-def select_devices(settings: EngineSettings) -> list:
-    """The devices the engine runs on: explicit ids, else the first N devices; among this
-    process's devices, or every process's with `settings.global_devices`."""
-    import jax
-
-    pool = jax.devices() if settings.global_devices else jax.local_devices()
-    kind = "devices" if settings.global_devices else "local devices"
-    if settings.device_ids is not None:
-        by_id = {d.id: d for d in pool}
-        missing = [i for i in settings.device_ids if i not in by_id]
-        if missing:
-            raise UserError(f"rollout device ids {missing} are not {kind} {sorted(by_id)}")
-        devs = [by_id[i] for i in settings.device_ids]
-    elif settings.global_devices and settings.rollout_devices is None:
-        devs = list(pool)  # a global engine spans every device unless told otherwise
-    else:
-        n = settings.rollout_devices or settings.tp_size
-        if n > len(pool):
-            hint = ""
-            if jax.default_backend() == "cpu" and not settings.global_devices:
-                hint = f"; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n}"
-            raise UserError(f"--rollout-devices {n}: only {len(pool)} {kind}{hint}")
-        devs = list(pool[:n])
-    if len(devs) % settings.tp_size:
-        raise UserError(
-            f"--rollout-devices {len(devs)} is not a multiple of the engine tp size "
-            f"{settings.tp_size}"
-        )
-    return devs
-
-
-# ---------------------------------------------------------------------------------------
-# Results
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Sample:
-    """One completion: exactly the sampled token ids and the logprob of each."""
-
-    tokens: np.ndarray  # int32 [n]
-    logprobs: np.ndarray  # float32 [n]
-    finish_reason: str  # "stop" (EOS / stop token, included in tokens) or "length"
-    prompt_len: int = 0
-    cache_miss_count: int | None = None
-
-
-@dataclasses.dataclass
-class SyncReport:
-    version: int
-    seconds: float
-    transfer_seconds: float
-    swap_seconds: float
-    num_params: int
-    num_bytes: int
-    ignored: tuple[str, ...] = ()
-
-    def as_metrics(self) -> dict[str, float]:
-        return {
-            "sync_seconds": self.seconds,
-            "sync_transfer_seconds": self.transfer_seconds,
-            "sync_swap_seconds": self.swap_seconds,
-            "sync_bytes": float(self.num_bytes),
-            "weight_version": float(self.version),
-        }
+# Compat fixes the engine cannot work without (their checks could find a future release
+# changed): what each makes possible.
+REQUIRED_FIXES = {
+    "sglang_jax.forward_reads_weights": "a weight sync that changes what the engine computes",
+    "sglang_jax.sampler_returns_logprobs": "the sampled tokens' logprobs",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,12 +77,10 @@ class InProcessEngine:
         self.last_sync: SyncReport | None = None
         self.start_seconds: float | None = None
         self._move_cache: dict = {}  # compiled transform+placement programs, by source layout
-        self.dropped_server_args: list[str] = []
         self.devices: list = []
         self._lock = threading.RLock()
         self._engine = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
+        self._loop: LoopThread | None = None
         self._scheduler = None
         self._runner = None
         self._ctl = None
@@ -340,26 +102,23 @@ class InProcessEngine:
             return self
 
     def _start(self) -> None:
-        from tunix_sglang import compat
-        from tunix_sglang.compat import sglang_jax_fixes as fixes
-
         compat.apply_all()
-        fixes.apply()  # also when compat.apply_all() does not call it
+        scheduler_hooks.install()
+        _check_runtime()
         from sgl_jax.srt.entrypoints.engine import Engine
         from sgl_jax.srt.server_args import ServerArgs
 
         t0 = time.perf_counter()
         kwargs, dropped = self.settings.server_args_kwargs(ServerArgs)
-        self.dropped_server_args = dropped
         if dropped:
             logger.info("sglang-jax ServerArgs has no %s; not passed", dropped)
         if kwargs.get("device") == "cpu" and os.environ.get("JAX_PLATFORMS", "cpu") != "cpu":
             # ServerArgs asserts device == JAX_PLATFORMS when the variable is set.
             kwargs["device"] = os.environ["JAX_PLATFORMS"]
         self.devices = select_devices(self.settings)
-        self._start_loop()
+        self._loop = LoopThread()
         try:
-            with fixes.engine_devices(self.devices, skip_penalty_precompile=True):
+            with scheduler_hooks.engine_devices(self.devices, skip_penalty_precompile=True):
                 engine = Engine(server_args=ServerArgs(**kwargs))
         except BaseException:
             self._stop_loop()
@@ -370,7 +129,7 @@ class InProcessEngine:
         self._engine = engine
         self._scheduler = engine.scheduler_info["scheduler"]
         self._runner = self._scheduler.tp_worker.model_runner
-        self._ctl = fixes.control(self._scheduler)
+        self._ctl = scheduler_hooks.control(self._scheduler)
         if not hasattr(self._runner, "model_state_leaves"):
             raise EngineError(
                 "sglang-jax ModelRunner exposes no model_state_leaves: weight sync impossible"
@@ -379,39 +138,10 @@ class InProcessEngine:
         atexit.register(self.shutdown)
         self.start_seconds = time.perf_counter() - t0
 
-    def _start_loop(self) -> None:
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run():
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        t = threading.Thread(target=run, name="tunix-sglang-asyncio", daemon=True)
-        t.start()
-        ready.wait(10)
-        self._loop, self._loop_thread = loop, t
-
     def _stop_loop(self) -> None:
-        loop, t = self._loop, self._loop_thread
-        if loop is None:
-            return
-
-        async def _cancel_all():
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        if t is not None:
-            t.join(10)
-        if not loop.is_running():
-            with contextlib.suppress(Exception):
-                loop.close()
-        self._loop = self._loop_thread = None
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
 
     def shutdown(self) -> None:
         """Stop the scheduler thread and the loop; free the engine. Idempotent."""
@@ -518,7 +248,7 @@ class InProcessEngine:
         """Generate one completion per prompt (repeat a prompt to get several samples).
 
         seed: restart the engine's sampling stream at `seed` first (reproducible calls);
-        None continues the stream, so repeated calls differ (notes item 11).
+        None continues the stream, so repeated calls differ.
         """
         prompts = [[int(t) for t in p] for p in prompt_token_ids]
         if not prompts:
@@ -557,14 +287,12 @@ class InProcessEngine:
             # Runs on the scheduler thread once it is idle: every call starts from the same
             # scheduler state (idle resets included), whatever the thread timing.
             if seed is not None:
-                from tunix_sglang.compat.sglang_jax_fixes import set_sampler_seed
-
                 runner = self._runner
-                self.on_scheduler(lambda _s: set_sampler_seed(runner, int(seed)))
+                self.on_scheduler(lambda _s: scheduler_hooks.set_sampler_seed(runner, int(seed)))
             else:
                 self.on_scheduler(lambda _s: None)
-            # Logprobs come from the sampler through the scheduler (fix_logprob_capture), not
-            # from `return_logprob`, which recompiles the model for every batch composition.
+            # Logprobs come from the sampler through the scheduler (scheduler_hooks' capture),
+            # not from `return_logprob`, which recompiles the model for every batch composition.
             rids = [f"tsg-{uuid.uuid4().hex}" for _ in prompts]
             self._ctl.want_logprobs(rids)
             if logits:
@@ -573,7 +301,7 @@ class InProcessEngine:
             try:
                 # Engine.async_generate takes no rid: build the request ourselves.
                 coro = self._with_rids(rids, prompts, params)
-                fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+                fut = self._loop.submit(coro)
                 outs = self._wait(fut, timeout, "generate")
             finally:
                 self._ctl.expect = 0
@@ -618,9 +346,7 @@ class InProcessEngine:
     # -- caches ---------------------------------------------------------------------------
     @staticmethod
     def _flush_on_scheduler(sched) -> None:
-        from tunix_sglang.compat.sglang_jax_fixes import scheduler_is_idle
-
-        if not scheduler_is_idle(sched):
+        if not scheduler_hooks.scheduler_is_idle(sched):
             raise EngineError("cannot flush caches while requests are running")
         sched.tree_cache.reset()
         sched.req_to_token_pool.clear()
@@ -822,10 +548,23 @@ class InProcessEngine:
                             params=self.fingerprints(), logits=self.next_token_logits(prefixes))
 
 
+def _check_runtime() -> None:
+    """EngineError unless the scheduler runtime and the fixes the engine relies on are in."""
+    gone = scheduler_hooks.missing()
+    if gone:
+        raise EngineError(f"the engine's scheduler hooks are not installed: {gone} (the "
+                          "installed sglang-jax calls other functions than this project hooks)")
+    absent = [f"{name} ({what})" for name, what in REQUIRED_FIXES.items()
+              if name not in compat.ACTIVE_FIXES]
+    if absent:
+        raise EngineError(f"compat fixes the engine needs did not apply: {absent}; their "
+                          "capability checks found the installed sglang-jax changed")
+
+
 def _forward_reads(runner, leaves) -> None:
     """Injected fault `stale_forward`: the jitted forward reads `leaves` from now on, while
-    the buffers (`model_state_leaves`) hold the new weights (the bug fix_forward_reads_weights
-    repairs)."""
+    the buffers (`model_state_leaves`) hold the new weights (the bug the compat fix
+    `sglang_jax.forward_reads_weights` repairs)."""
     forward = runner.jitted_run_model
 
     def stale(*args, **kwargs):
