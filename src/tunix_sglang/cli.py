@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from tunix_sglang.algorithms import ALGORITHMS, KNOB_DEFAULTS, LOSS_AGG_MODES, knob_help
 from tunix_sglang.config import (
     DATA_SOURCES,
     EMBEDDED_DEFAULTS,
@@ -32,13 +33,22 @@ _TRAIN_FLAGS: list[tuple[str, type, str]] = [
      "host) or lockstep (one engine spanning hosts; experimental on 0.0.2)"),
     ("--rollout-servers", str, "sglang_jax_remote: rollout server URLs, comma-separated"),
     ("--launch-servers", int, "sglang_jax_remote: start K local rollout servers for the run"),
+    ("--algorithm", str, f"one of {', '.join(ALGORITHMS)} (README, \"Algorithms\")"),
     ("--num-generations", int, "completions per prompt (GRPO group size)"),
     ("--batch-size", int, "prompts per step"),
     ("--max-prompt-length", int, "prompt tokens; longer prompts are skipped"),
     ("--max-new-tokens", int, "completion tokens"),
     ("--learning-rate", float, "AdamW learning rate"),
-    ("--beta", float, "KL coefficient against the reference model"),
-    ("--epsilon", float, "PPO-style clip range"),
+    ("--beta", float, "KL coefficient against the reference model (dapo: 0)"),
+    ("--epsilon", float, "PPO-style clip range (gspo: 3e-4 unless given)"),
+    ("--epsilon-high", float, "clip-higher: the ratio's upper clip 1 + epsilon-high"),
+    ("--loss-agg-mode", str, f"Tunix's loss aggregation: {', '.join(LOSS_AGG_MODES)}"),
+    ("--overlong-buffer-len", int, "DAPO's overlong shaping: the last N tokens of "
+     "--max-new-tokens are penalised linearly"),
+    ("--overlong-penalty", float, "DAPO's overlong shaping: the penalty at --max-new-tokens "
+     "(0: none)"),
+    ("--max-resample-rounds", int, "DAPO's dynamic sampling: rollouts of further prompts a "
+     "step may add to replace zero-variance groups"),
     ("--temperature", float, "sampling temperature"),
     ("--seed", int, "seed for data order and sampling"),
     ("--data", str, f"one of {', '.join(DATA_SOURCES)}"),
@@ -71,6 +81,8 @@ def _train_parser(sub) -> None:
         default = f"{getattr(defaults, name)}"
         if name == "max_prompt_length":
             default = ", ".join(f"{k} {v}" for k, v in PROMPT_LENGTH.items())
+        if name in KNOB_DEFAULTS:
+            default = knob_help(name)
         if name in EMBEDDED_DEFAULTS:
             default += f"; embedded model: {EMBEDDED_DEFAULTS[name]}"
         p.add_argument(flag, type=typ, help=f"{text} (default: {default})")

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tunix_sglang import algorithms
 from tunix_sglang.errors import UserError
 
 ROLLOUT_ENGINES = ("sglang_jax", "vanilla", "sglang_jax_remote")
@@ -38,6 +39,7 @@ class TrainConfig:
     multihost_mode: str = "host_local"  # sglang_jax on several processes: host_local | lockstep
     rollout_servers: str | None = None  # sglang_jax_remote: URL,URL,... started elsewhere
     launch_servers: int = 0  # sglang_jax_remote: start K local rollout servers for the run
+    algorithm: str = "grpo"  # algorithms.ALGORITHMS: grpo | dapo | drgrpo | gspo
     num_generations: int = 4
     batch_size: int = 2  # prompts per step; each gets num_generations completions
     max_prompt_length: int = PROMPT_LENGTH["synthetic"]  # build_config: PROMPT_LENGTH[data]
@@ -45,6 +47,13 @@ class TrainConfig:
     learning_rate: float = 3e-5
     beta: float = 0.04
     epsilon: float = 0.2
+    # Knobs of some algorithms only (algorithms.KNOB_DEFAULTS); None: not given, the
+    # algorithm's default.
+    epsilon_high: float | None = None  # dapo, gspo: the clip's upper range 1 + epsilon_high
+    loss_agg_mode: str | None = None  # Tunix's loss aggregation
+    overlong_buffer_len: int | None = None  # dapo: the last tokens of the budget penalised
+    overlong_penalty: float | None = None  # dapo: the penalty at max_new_tokens
+    max_resample_rounds: int | None = None  # dapo: rollouts a step may add to refill
     temperature: float = 1.0
     seed: int = 0
     data: str = "synthetic"
@@ -111,6 +120,7 @@ class TrainConfig:
                             "(or unset for the calibrated default of the dtype)")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
+        algorithms.validate(self)
         self.validate_offpolicy()
         check_model_choice(self.local_model_dir, self.model)
         if self.target is not None:
@@ -139,6 +149,11 @@ class TrainConfig:
             raise UserError(f"--importance-correction {self.importance_correction} needs the "
                             "rollout's own logprobs, which --rollout-engine vanilla does not "
                             "return; use --rollout-engine sglang_jax")
+        if self.max_staleness and algorithms.max_resample_rounds(self):
+            raise UserError(f"--max-staleness {self.max_staleness}: DAPO's dynamic sampling "
+                            "refills a batch with rollouts from the trainer's thread while the "
+                            "next batch is being generated; use --max-resample-rounds 0 "
+                            "(filter only) or --max-staleness 0")
         if vanilla and self.max_staleness:
             raise UserError(f"--max-staleness {self.max_staleness}: --rollout-engine vanilla "
                             "samples with the trainer's own model, so nothing can overlap; use "
@@ -286,6 +301,7 @@ def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfi
         if isinstance(v, (list, dict)):
             raise UserError(f"{name}: {v!r} must be a single value, not a list or mapping")
         values[name] = v if v is None else str(v)
+    given_keys = set(values)  # the YAML file's and the flags', before any defaults
     if not values.get("local_model_dir") and not values.get("model") and embedded_is_warm():
         values = {**EMBEDDED_DEFAULTS, **values}
     values.setdefault("max_prompt_length", PROMPT_LENGTH.get(values.get("data", "synthetic"),
@@ -298,13 +314,14 @@ def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfi
             try:
                 if isinstance(default, bool):
                     v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
-                elif isinstance(default, int):
+                elif isinstance(default, int) or f.type == "int | None":
                     v = int(v)
                 elif isinstance(default, float) or f.type == "float | None":
                     v = float(v)
             except (TypeError, ValueError):
-                kind = "float" if f.type == "float | None" else type(default).__name__
+                kind = f.type.split(" ")[0] if default is None else type(default).__name__
                 raise UserError(f"{f.name}: {v!r} is not a valid {kind}") from None
             setattr(cfg, f.name, v)
+    algorithms.fill_defaults(cfg, given_keys)
     cfg.validate()
     return cfg

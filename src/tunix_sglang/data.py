@@ -165,6 +165,19 @@ class Batches:
             epoch, pos = divmod(i, n)
             order = np.random.default_rng([self.seed, epoch]).permutation(n)
             picked.append(self.rows[order[pos]])
+        return self._columns(picked)
+
+    def refill(self, step: int, round_: int) -> dict[str, np.ndarray]:
+        """Further prompts for round `round_` >= 1 of step's dynamic sampling: they depend
+        only on (seed, step, round) too. (numpy pads seeds with zeros, so round >= 1 keeps
+        this stream apart from the batches' [seed, epoch].)"""
+        n = len(self.rows)
+        rng = np.random.default_rng([self.seed, step, round_])
+        picked = rng.choice(n, self.batch_size, replace=n < self.batch_size)
+        return self._columns([self.rows[i] for i in picked])
+
+    @staticmethod
+    def _columns(picked: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         # Tunix needs numpy arrays, not lists of str (lists are split per character).
         return {k: np.array([r[k] for r in picked]) for k in picked[0]}
 

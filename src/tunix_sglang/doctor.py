@@ -410,6 +410,7 @@ _PLAN_FLAGS: list[tuple[str, type, str]] = [
     ("--sglang-mem-fraction-static", float, "share of device memory for the engine"),
     ("--dtype", str, "float32 or bfloat16"),
     ("--beta", float, "KL coefficient (0: no reference model)"),
+    ("--algorithm", str, "the RL algorithm (dapo: no KL term, so no reference model)"),
 ]
 
 

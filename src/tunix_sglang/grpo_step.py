@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tunix.generate import utils as gen_utils
-from tunix.rl import common, function_registry
+from tunix.rl import common
 from tunix.rl import rl_cluster as rl_cluster_lib
 
-from tunix_sglang import importance, probe
+from tunix_sglang import algorithms, importance, probe, topology
 from tunix_sglang.rollout.base import engine_rollout
 
 
@@ -47,6 +47,11 @@ class StepResult:
     trainer_logps_sec: float
     num_samples: int
     redispatched_groups: int  # remote rollout: prompt groups re-run after a server failed
+    # DAPO's dynamic sampling (0, 0, batch size without it): zero-variance groups dropped,
+    # rollouts added to refill, informative groups trained on (fewer: the bound was hit).
+    groups_filtered: int
+    resample_rounds: int
+    groups_trained: int
     rewards_by_fn: dict[str, float]
     proof: probe.Proof
     timeline: dict[str, list[float]]  # phase -> [start, end], seconds since StepContext.t0
@@ -74,6 +79,10 @@ class StepContext:
     max_staleness: int = 0  # K; > 0: the rollouts come from tunix_sglang.pipeline
     t0: float = dataclasses.field(default_factory=time.perf_counter)  # the timeline's origin
     last_end: float = 0.0  # perf_counter when the previous step finished
+    # DAPO's dynamic sampling: None: off; else rollouts a step may add, of the prompts that
+    # refill(step, round) draws.
+    max_resample_rounds: int | None = None
+    refill: Callable[[int, int], dict[str, np.ndarray]] | None = None
 
 
 def trainer_version(ctx: StepContext) -> int:
@@ -139,25 +148,31 @@ def rollout_mismatch(trainer_logps: np.ndarray, engine_logps: np.ndarray, mask: 
 
 
 @dataclasses.dataclass
-class Sampled:
-    """One step's rollout (from `sample`: inline, or on the async pipeline's thread)."""
+class Rollout:
+    """One rollout of G completions for each prompt of a batch, scored; rows are samples.
+    Made by `sample`: inline, or on the async pipeline's thread."""
 
     step: int
-    columns: dict[str, np.ndarray]  # the batch's columns, one row per sample
-    prompts: list[str]
-    out: Any  # Tunix RolloutOutput
-    versions: list[int]  # the weight version each sample was generated with
-    redispatched: int
+    prompt_ids: np.ndarray  # [N, P] left-padded
+    completion_ids: np.ndarray  # [N, T] right-padded with the pad id
+    engine_logps: np.ndarray | None  # [N, T] the engine's logprobs of the sampled tokens
+    rewards: np.ndarray  # [N] what the advantages are computed from
+    rewards_by_fn: dict[str, float]  # each reward function's mean
+    versions: np.ndarray  # [N] the weight version each sample was generated with
+    redispatched_groups: int  # remote rollout: prompt groups re-run after a server failed
     start: float  # perf_counter at the rollout's start and end
     end: float
 
 
-def sample(ctx: StepContext, batch: dict[str, np.ndarray], step: int) -> Sampled:
-    """prompts -> rollout: every prompt `num_generations` times, a fresh seed per step."""
+def sample(ctx: StepContext, batch: dict[str, np.ndarray], step: int, round_: int = 0
+           ) -> Rollout:
+    """prompts -> rollout -> rewards, for the step's batch (round 0) or a refill (round r):
+    every prompt `num_generations` times."""
     g = ctx.algo.num_generations
     cluster = ctx.cluster
     cfg = rollout_config(ctx)
-    cfg.seed = ctx.seed * 1_000_003 + step  # fresh samples every step, reproducible per run
+    # Fresh samples every step and refill round, reproducible per run.
+    cfg.seed = ctx.seed * 1_000_003 + step + round_ * 100_003
     repeated = {k: np.repeat(v, g, axis=0) for k, v in batch.items()}  # [B] -> [B*G]
     prompts = [str(p) for p in repeated.pop("prompts")]
 
@@ -171,48 +186,103 @@ def sample(ctx: StepContext, batch: dict[str, np.ndarray], step: int) -> Sampled
     if engine is not None:
         versions = list(engine.last_samples.versions)
         redispatched = engine.last_samples.redispatched_groups
-    if ctx.max_staleness == 0 and len(set(versions)) != 1:
-        raise probe.SyncCheckError(f"step {step}: one rollout mixed weight versions "
-                                   f"{sorted(set(versions))}")
-    return Sampled(step, repeated, prompts, out, versions, redispatched, t0, t1)
 
-
-def make_train_example(ctx: StepContext, sampled: Sampled):
-    """rollout -> rewards -> advantages, old policy and IS weights: a Tunix TrainExample and
-    step stats."""
-    g = ctx.algo.num_generations
-    cluster, out = ctx.cluster, sampled.out
-    width = rollout_config(ctx).max_tokens_to_generate
-    pad, eos = cluster.rollout.pad_id(), cluster.rollout.eos_id()
+    width, pad = cfg.max_tokens_to_generate, cluster.rollout.pad_id()
     completion_ids = np.array([
         gen_utils.pad_to_length(np.asarray(t), width, pad, left=False) for t in out.tokens
     ])
-    prompt_ids = jnp.asarray(out.left_padded_prompt_tokens)
-    completion_mask = completion_ids != pad
+    engine_logps = None  # only an engine's: Tunix's sampler is the trainer itself
+    if out.logprobs is not None and engine is not None:
+        engine_logps = np.zeros(completion_ids.shape, np.float32)
+        for i, lp in enumerate(out.logprobs):
+            engine_logps[i, :len(lp)] = lp[:width]
+
+    rewards, by_fn = score(ctx, prompts, list(out.text), repeated)
+    overlong = algorithms.overlong_rewards(ctx.algo, out.tokens)  # DAPO's, in tokens
+    if overlong is not None:
+        rewards = rewards + overlong
+        by_fn["overlong_penalty"] = float(np.mean(overlong))
+    return Rollout(
+        step=step, prompt_ids=np.asarray(out.left_padded_prompt_tokens),
+        completion_ids=completion_ids, engine_logps=engine_logps, rewards=rewards,
+        rewards_by_fn=by_fn, versions=np.asarray(versions, np.int64),
+        redispatched_groups=redispatched, start=t0, end=t1)
+
+
+def gather_groups(rounds: list[Rollout], selection: algorithms.Selection, g: int, pad: int
+                  ) -> tuple[Rollout, np.ndarray]:
+    """The selected groups of the rounds as one batch, and its completion mask (zero on
+    the selection's padding groups, which then weigh nothing in the loss)."""
+    rows = [(r, i * g + k) for r, i in selection.groups for k in range(g)]
+    width = max(x.prompt_ids.shape[1] for x in rounds)
+
+    def take(field: str, left_pad_to: int | None = None) -> np.ndarray:
+        out = []
+        for r, j in rows:
+            row = getattr(rounds[r], field)[j]
+            if left_pad_to is not None:
+                row = np.pad(row, (left_pad_to - len(row), 0), constant_values=pad)
+            out.append(row)
+        return np.stack(out)
+
+    batch = Rollout(
+        step=rounds[0].step, prompt_ids=take("prompt_ids", width),
+        completion_ids=take("completion_ids"),
+        engine_logps=None if rounds[0].engine_logps is None else take("engine_logps"),
+        rewards=take("rewards"), rewards_by_fn={}, versions=take("versions"),
+        redispatched_groups=0, start=rounds[0].start, end=rounds[-1].end)
+    mask = batch.completion_ids != pad
+    mask[len(rows) - selection.padding * g:] = False
+    return batch, mask
+
+
+def make_train_example(ctx: StepContext, first: Rollout):
+    """rollout (-> dynamic sampling) -> advantages, old policy and IS weights: a Tunix
+    TrainExample and step stats."""
+    g = ctx.algo.num_generations
+    cluster, step = ctx.cluster, first.step
+    pad, eos = cluster.rollout.pad_id(), cluster.rollout.eos_id()
+
+    rounds = [first]
+    if ctx.max_resample_rounds is None:
+        selection = algorithms.Selection.everything(len(first.rewards) // g)
+    else:
+        # DAPO's dynamic sampling: a group whose completions all got the same reward has
+        # advantage 0 everywhere (no gradient); drop it and refill the batch with groups of
+        # further prompts, drawn per (seed, step, round) so a resumed run draws the same.
+        def more(round_: int) -> np.ndarray:
+            topology.step_barrier(f"step{step}/resample{round_}")  # all processes agree
+            rounds.append(sample(ctx, ctx.refill(step, round_), step, round_))
+            return rounds[-1].rewards
+
+        selection = algorithms.dynamic_sampling(first.rewards, more, g,
+                                                ctx.max_resample_rounds)
+    versions = np.concatenate([r.versions for r in rounds])
+    if ctx.max_staleness == 0 and len(set(versions.tolist())) != 1:
+        raise probe.SyncCheckError(f"step {step}: one step's rollouts mixed weight versions "
+                                   f"{sorted(set(versions.tolist()))}")
+    trained, completion_mask = gather_groups(rounds, selection, g, pad)
+    prompt_ids = jnp.asarray(trained.prompt_ids)
+    completion_ids = jnp.asarray(trained.completion_ids)
     off_policy = ctx.num_iterations > 1 or ctx.max_staleness > 0
     # Samples more than K steps behind the trainer are never trained on (their groups
     # are masked out); the pipeline's admission makes this the exception.
-    stale = importance.staleness(trainer_version(ctx), sampled.versions, ctx.num_iterations)
+    stale = importance.staleness(trainer_version(ctx), trained.versions, ctx.num_iterations)
     dropped = importance.stale_groups(stale, g, ctx.max_staleness)
     completion_mask &= ~dropped[:, None]
 
     ref_logps = None
-    if ctx.algo.beta != 0.0:
+    if ctx.algo.beta:  # DAPO's config has None: no KL term
         ref_logps = cluster.get_ref_per_token_logps(
-            prompt_tokens=prompt_ids, completion_tokens=jnp.asarray(completion_ids),
-            pad_id=pad, eos_id=eos,
+            prompt_tokens=prompt_ids, completion_tokens=completion_ids, pad_id=pad, eos_id=eos,
         )
     mismatch, logps_sec = (None, None), 0.0
-    trainer = behaviour = None
-    has_logprobs = out.logprobs is not None and engine_rollout(cluster) is not None
-    if has_logprobs or off_policy:
+    trainer, behaviour = None, trained.engine_logps
+    if behaviour is not None or off_policy:
         t1 = time.perf_counter()
         trainer = np.asarray(_process_local(trainer_logps_of_rollout(
-            ctx, prompt_ids, jnp.asarray(completion_ids))))
-        if has_logprobs:
-            behaviour = np.zeros_like(trainer)
-            for i, lp in enumerate(out.logprobs):
-                behaviour[i, :len(lp)] = lp[:width]
+            ctx, prompt_ids, completion_ids)))
+        if behaviour is not None:
             mismatch = rollout_mismatch(trainer, behaviour, completion_mask)
         logps_sec = time.perf_counter() - t1
 
@@ -224,15 +294,12 @@ def make_train_example(ctx: StepContext, sampled: Sampled):
     elif off_policy:  # PPO against the behaviour policy: the engine's own logprobs
         old_logps = behaviour if behaviour is not None else trainer
 
-    rewards, by_fn = score(ctx, sampled.prompts, list(out.text), sampled.columns)
-    advantages = function_registry.get_advantage_estimator(ctx.algo.advantage_estimator)(
-        rewards=rewards, num_generations=g
-    )
-    advantages = np.where(dropped, 0.0, np.asarray(advantages)).astype(np.float32)
+    advantages = algorithms.advantages(ctx.algo, trained.rewards)
+    advantages = np.where(dropped, 0.0, advantages).astype(np.float32)
     example = common.TrainExample(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_ids != pad,
-        completion_ids=jnp.asarray(completion_ids),
+        completion_ids=completion_ids,
         completion_mask=jnp.asarray(completion_mask),
         ref_per_token_logps=ref_logps,
         advantages=jax.device_put(advantages),
@@ -240,12 +307,15 @@ def make_train_example(ctx: StepContext, sampled: Sampled):
         old_per_token_logps=None if old_logps is None else jnp.asarray(old_logps, jnp.float32),
         sampler_is_weights=None if is_w is None else jnp.asarray(is_w),
     )
+    # The rollout's figures cover every sample generated this step (refills included).
+    rewards = np.concatenate([r.rewards for r in rounds])
+    lengths = np.concatenate([(r.completion_ids != pad).sum(axis=-1) for r in rounds])
     stats = dict(
         reward_mean=float(np.mean(rewards)),
         reward_std=float(np.std(rewards)),
-        completion_len_mean=float(np.mean(completion_mask.sum(axis=-1))),
-        rollout_sec=sampled.end - sampled.start,
-        rollout_weight_version=min(sampled.versions),
+        completion_len_mean=float(np.mean(lengths)),
+        rollout_sec=sum(r.end - r.start for r in rounds),
+        rollout_weight_version=int(versions.min()),
         mismatch_kl=mismatch[0],
         mismatch_max_abs=mismatch[1],
         is_clipped_frac=clipped,
@@ -253,9 +323,13 @@ def make_train_example(ctx: StepContext, sampled: Sampled):
         staleness_mean=float(stale.mean()),
         stale_dropped=int(dropped.sum()),
         trainer_logps_sec=logps_sec,
-        num_samples=len(out.tokens),
-        redispatched_groups=sampled.redispatched,
-        rewards_by_fn=by_fn,
+        num_samples=len(rewards),
+        redispatched_groups=sum(r.redispatched_groups for r in rounds),
+        groups_filtered=selection.groups_filtered,
+        resample_rounds=selection.resample_rounds,
+        groups_trained=selection.groups_trained,
+        rewards_by_fn={k: float(np.mean([r.rewards_by_fn[k] for r in rounds]))
+                       for k in rounds[0].rewards_by_fn},
     )
     return example, stats
 
@@ -330,7 +404,7 @@ def initial_sync(ctx: StepContext) -> probe.Proof:
     return check_sync(ctx)
 
 
-def run_step(ctx: StepContext, sampled: Sampled,
+def run_step(ctx: StepContext, sampled: Rollout,
              exclusive: Callable[[Callable[[], probe.Proof]], probe.Proof] | None = None
              ) -> StepResult:
     """The step after its rollout (`sample`): rewards, advantages, update, weight sync and

@@ -127,6 +127,7 @@ class RunPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "verdict": "fits" if self.fits else "does not fit", "fits": self.fits,
+            "algorithm": self.cfg.algorithm, "beta": self.cfg.beta,
             "problems": self.problems + self.memory.problems, "advice": self.memory.advice,
             "warnings": self.warnings,
             "hardware": {"device_kind": self.facts.device_kind,
@@ -148,6 +149,8 @@ class RunPlan:
         lines.append(f"model: {cfg.model or cfg.local_model_dir or 'embedded'} "
                      f"({self.shape.param_count() / 1e9:.2f} B parameters; config.json: "
                      f"{self.config_source})")
+        lines.append(f"algorithm: {cfg.algorithm} (beta {cfg.beta}: "
+                     f"{'a reference model copy' if cfg.beta else 'no reference model'})")
         d = self.devices()
         lines.append(f"devices: {f.device_count} x {f.device_kind} on {f.process_count} "
                      f"host(s); trainer on {d['trainer']}, rollout on {d['rollout']}")

@@ -256,6 +256,13 @@ def summary(rows: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[tup
         vals = [r[key] for r in rows if isinstance(r.get(key), int | float)]
         if vals:
             out.append((label, max(vals)))
+    if any(r.get("groups_filtered") for r in rows):  # DAPO's dynamic sampling filtered some
+        def total(key: str) -> int:
+            return sum(int(r.get(key) or 0) for r in rows)
+
+        out += [("zero-variance groups dropped (total)", total("groups_filtered")),
+                ("refill rollouts (total)", total("resample_rounds")),
+                ("fewest groups trained in a step", min(r.get("groups_trained", 0) for r in rows))]
     return out
 
 

@@ -103,7 +103,15 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     import jax
 
-    from tunix_sglang import evaluate, grpo_step, pipeline, report, rewards, tunix_cluster
+    from tunix_sglang import (
+        algorithms,
+        evaluate,
+        grpo_step,
+        pipeline,
+        report,
+        rewards,
+        tunix_cluster,
+    )
     from tunix_sglang.rollout.base import engine_rollout
 
     inputs = prepare(cfg, topo)
@@ -116,6 +124,7 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
         sync_check_threshold=cfg.sync_check_threshold, num_iterations=cfg.num_iterations,
         importance_correction=cfg.importance_correction, is_cap=cfg.is_cap,
         max_staleness=cfg.max_staleness,
+        max_resample_rounds=algorithms.max_resample_rounds(cfg), refill=inputs.batches.refill,
     )
     out: Path = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """Tunix's RLCluster for a run, as `train`, `eval` and the step loop use it.
 
 The meshes (trainer on its devices, rollout on the first --rollout-devices), the rollout
-configs (training samples, evaluation greedy), the actor and reference models, the GRPO loss
-wired into the actor trainer, the rollout engine (`rollout.engine_for`); and the persistent
+configs (training samples, evaluation greedy), the actor and reference models, the algorithm's
+loss wired into the actor trainer, the rollout engine (`rollout.engine_for`); and the persistent
 JAX compilation cache every entry point (train, eval, serve) turns on.
 """
 
@@ -82,14 +82,14 @@ def rollout_configs(train_cfg: Any) -> dict[Any, Any]:
 
 
 def build_cluster(cfg: TrainConfig, md, tokenizer):
-    """Tunix RLCluster + GRPO config for this run (restores the last checkpoint if resuming)."""
+    """Tunix RLCluster + the algorithm's config for this run (restores the last checkpoint
+    if resuming)."""
     import optax
     import orbax.checkpoint as ocp
     from tunix.rl import rl_cluster as rl
-    from tunix.rl.grpo.grpo_learner import GRPOConfig, GRPOLearner
     from tunix.sft import metrics_logger
 
-    from tunix_sglang import models, rewards, rollout
+    from tunix_sglang import algorithms, models, rewards, rollout
 
     train_mesh, rollout_mesh = build_meshes(cfg)
     actor = models.load_model(md, train_mesh, cfg.dtype)
@@ -118,8 +118,7 @@ def build_cluster(cfg: TrainConfig, md, tokenizer):
     )
     cluster = rl.RLCluster(actor=actor, reference=reference, tokenizer=tokenizer,
                            cluster_config=cluster_config)
-    algo = GRPOConfig(num_generations=cfg.num_generations, num_iterations=cfg.num_iterations,
-                      beta=cfg.beta, epsilon=cfg.epsilon)
-    # The learner wires Tunix's GRPO loss into the actor trainer; its loop is not used.
-    GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=rewards.DEFAULT_REWARD_FNS)
+    algo, learner = algorithms.tunix_config(cfg)
+    # The learner wires the algorithm's loss into the actor trainer; its loop is not used.
+    learner(rl_cluster=cluster, algo_config=algo, reward_fns=list(rewards.DEFAULT_REWARD_FNS))
     return cluster, algo
