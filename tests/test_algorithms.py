@@ -394,7 +394,8 @@ def test_dynamic_sampling_drops_exactly_the_zero_variance_groups_and_refills(dap
     zero = [zlib.crc32(p.encode()) % 2 == 0 for p in batches.batch(1)["prompts"]]
     assert zero.count(True) == 1  # step 1 of seed 0: one informative group, one not
     calls.clear()
-    example, stats = grpo_step.make_train_example(ctx, batches.batch(1), 1)
+    example, stats = grpo_step.make_train_example(
+        ctx, grpo_step.sample(ctx, batches.batch(1), 1))
 
     # Round 0 is the step's batch, round r the refill drawn for (seed, step 1, r).
     drawn = [batches.batch(1)] + [batches.refill(1, r) for r in range(1, len(calls))]
@@ -421,7 +422,8 @@ def test_dynamic_sampling_at_its_bound_trains_on_nothing_else(dapo_run):
 
     ctx, batches, calls = dapo_run
     ctx.reward_fns = [lambda prompts, completions, **_: [1.0] * len(completions)]
-    example, stats = grpo_step.make_train_example(ctx, batches.batch(2), 2)
+    example, stats = grpo_step.make_train_example(
+        ctx, grpo_step.sample(ctx, batches.batch(2), 2))
     assert (stats["groups_filtered"], stats["resample_rounds"], stats["groups_trained"]) == \
         (8, 3, 0)
     assert not np.asarray(example.completion_mask).any()

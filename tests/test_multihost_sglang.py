@@ -149,7 +149,8 @@ FAULT_DRIVER = textwrap.dedent("""
     for step, fault in enumerate(json.loads(sys.argv[2]), start=1):
         os.environ[faults.ENV] = fault  # the sync at the end of this real step
         try:
-            row = grpo_step.run_step(ctx, inputs.batches.batch(step), step).row()
+            row = grpo_step.run_step(
+                ctx, grpo_step.sample(ctx, inputs.batches.batch(step), step)).row()
             results.append([fault, "proven", row["sync_max_logprob_diff"]])
         except probe.SyncCheckError as e:
             results.append([fault, type(e).__name__, str(e)])

@@ -128,6 +128,8 @@ BAD_INPUTS = [
     (["--rollout-engine", "vanilla", "--importance-correction", "tis"], "logprobs"),
     (["--max-staleness", "1"], "--rollout-devices N"),  # engine on the trainer's devices
     (["--rollout-engine", "vanilla", "--max-staleness", "1"], "vanilla"),
+    (["--algorithm", "dapo", "--max-staleness", "1", "--rollout-devices", "1"],
+     "--max-resample-rounds 0"),
 ]
 
 
