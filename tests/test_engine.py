@@ -8,6 +8,7 @@ second one the way Tunix's RLCluster does, from the tied default tiny model.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -247,6 +248,40 @@ def test_generate_throughput(synced):
     tok_s = sum(len(s.tokens) for s in out) / dt
     print(f"engine throughput: {tok_s:.0f} tok/s (batch 8 x {MAX_NEW} tokens, {dt:.3f}s)")
     assert tok_s > 50  # catches recompiling every step (was ~20 tok/s with return_logprob)
+
+
+PINNED = Path(__file__).resolve().parent / "data" / "pinned_rollout.json"
+# Prompts of different lengths (one prefill of several sequences, then decode at batch 8).
+PIN_PROMPTS = [[(37 * i + 11 * j + 5) % 1000 + 1 for j in range(n)]
+               for i, n in enumerate([3, 32, 17, 9, 25, 5, 30, 12])]
+# Sampled; greedy (a prefix-cache hit on the same prompts); truncated (top-k / top-p).
+PIN_CALLS = {"sampled": dict(temperature=1.0), "greedy": dict(temperature=0.0),
+             "truncated": dict(temperature=0.7, top_k=50, top_p=0.9)}
+
+
+def pinned_rollout(engine) -> dict:
+    """Tokens and logprobs of fixed calls on a freshly flushed engine, fixed seed."""
+    engine.flush()
+    out = {}
+    for name, kw in PIN_CALLS.items():
+        samples = engine.generate(PIN_PROMPTS, max_new_tokens=MAX_NEW, seed=1234,
+                                  ignore_eos=True, **kw)
+        out[name] = {"tokens": [s.tokens.tolist() for s in samples],
+                     "logprobs": [s.logprobs.tolist() for s in samples]}
+    return out
+
+
+def test_tokens_and_logprobs_pinned(synced):
+    """The engine's tokens and logprobs on a fixed batch and seed are the ones recorded
+    before the CPU performance fixes (issue 17): the same tokens, logprobs within float32
+    rounding of a different summation order."""
+    want = json.loads(PINNED.read_text())
+    got = pinned_rollout(synced)
+    for name in PIN_CALLS:
+        assert got[name]["tokens"] == want[name]["tokens"], name
+        diff = max(float(np.max(np.abs(np.subtract(g, w)))) for g, w in zip(
+            got[name]["logprobs"], want[name]["logprobs"], strict=True))
+        assert diff <= 1e-5, (name, diff)
 
 
 def test_prompt_longer_than_engine_max_is_user_error(synced):
