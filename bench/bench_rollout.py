@@ -32,6 +32,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_LEN = 40
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"32x128,128x512" -> [(32, 128), (128, 512)] (batch x new tokens)."""
+    out = []
+    for part in text.split(","):
+        b, _, n = part.strip().lower().partition("x")
+        if not (b.isdigit() and n.isdigit()) or int(b) <= 0 or int(n) <= 0:
+            raise SystemExit(f"--shapes: {part!r} is not BATCHxNEW_TOKENS (e.g. 32x128)")
+        out.append((int(b), int(n)))
+    return out
+
+
 def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     """`n` prompts of exactly PROMPT_LEN tokens (same for both engines)."""
     from tunix_sglang import data

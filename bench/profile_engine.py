@@ -1,0 +1,238 @@
+"""Where an in-process engine rollout spends its time and memory (a profile, not a test).
+
+For each model and BxN shape: one warm rollout of B prompts x N new tokens (EOS ignored,
+temperature 1) through `InProcessEngine`, with the scheduler's steps timed by phase:
+
+  prefill forward / decode forward   the jitted model (attention, MLP, logits), blocked on
+  sampler                            the jitted sampler (incl. its host-callback sort)
+  batch prep                         ScheduleBatch.get_model_worker_batch (padding, cache_loc)
+  result processing                  Scheduler.process_batch_result (+ the logprob capture)
+  other                              the rest of the loop (receive, scheduling, Python)
+
+and the compiled programs' own counts (`jax.stages` cost and memory analysis): FLOPs,
+bytes accessed, temporary buffer bytes, host callbacks. Writes JSON (`--json`) and prints
+one markdown table row per shape.
+
+    JAX_PLATFORMS=cpu python bench/profile_engine.py --models random,qwen3-0.6b \
+        --shapes 32x128,128x128 [--json PATH]
+
+Models: `random` (the random tiny model), `warm` (the embedded default), `qwen3-0.6b`
+(Qwen3-0.6B's published width, heads and vocabulary, 2 layers, random weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+from bench_rollout import PROMPT_LEN, parse_shapes, prompts  # noqa: E402
+
+QWEN3_06B_2L = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                    num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=8,
+                    head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000.0,
+                    tie_word_embeddings=True)
+
+
+def model_dir(name: str) -> Path:
+    from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model
+    from tunix_sglang.warmstart import ensure_warm_model
+
+    if name == "random":
+        return ensure_tiny_model()
+    if name == "warm":
+        return ensure_warm_model(log=print)
+    if name == "qwen3-0.6b":
+        return ensure_tiny_model(TinyModelSpec(**QWEN3_06B_2L))
+    raise SystemExit(f"unknown model {name!r}: random, warm or qwen3-0.6b")
+
+
+class Timers:
+    """Seconds and calls per phase, filled by wrappers around sglang-jax methods."""
+
+    def __init__(self):
+        self.sec = collections.defaultdict(float)
+        self.calls = collections.Counter()
+        self.args: dict[str, tuple] = {}
+
+    def reset(self):
+        self.sec.clear()
+        self.calls.clear()
+
+
+def instrument(timers: Timers) -> None:
+    """Wrap the scheduler's step phases with timers (this process only)."""
+    from sgl_jax.srt.managers.schedule_batch import ScheduleBatch
+    from sgl_jax.srt.managers.scheduler import Scheduler
+    from sgl_jax.srt.managers.tp_worker import ModelWorker
+    from sgl_jax.srt.model_executor.model_runner import ModelRunner
+
+    def timed(cls, name, phase_of, block=False):
+        fn = getattr(cls, name)
+
+        @functools.wraps(fn)
+        def wrapper(self, *a, **k):
+            t0 = time.perf_counter()
+            out = fn(self, *a, **k)
+            if block:
+                jax.block_until_ready(jax.tree_util.tree_leaves(out))
+            phase = phase_of(self, *a, **k)
+            timers.sec[phase] += time.perf_counter() - t0
+            timers.calls[phase] += 1
+            return out
+
+        setattr(cls, name, wrapper)
+
+    def fwd_phase(self, forward_batch, *a, **k):
+        return "prefill forward" if forward_batch.forward_mode.is_extend() else "decode forward"
+
+    timed(ModelRunner, "_forward", fwd_phase, block=True)
+    timed(ModelRunner, "_set_kv_cache_after_forward", lambda *a, **k: "kv write-back")
+    timed(ModelWorker, "forward_batch_generation", lambda *a, **k: "worker", block=True)
+    timed(ModelRunner, "sample", lambda *a, **k: "sampler", block=True)
+    timed(ScheduleBatch, "get_model_worker_batch", lambda *a, **k: "batch prep")
+    timed(Scheduler, "process_batch_result", lambda *a, **k: "result processing")
+    timed(Scheduler, "run_batch", lambda *a, **k: "run_batch")
+
+
+def jitted(fn_wrapper):
+    """The jax.jit function a ModelRunner wrapper closes over."""
+    for cell in fn_wrapper.__closure__ or ():
+        obj = cell.cell_contents
+        if hasattr(obj, "lower"):
+            return obj
+    return None
+
+
+def capture_forward_args(runner, store: dict, timers: Timers) -> None:
+    """Record one set of forward arguments per mode, to lower the programs afterwards; time
+    the jitted forward alone (blocked on its outputs)."""
+    inner = jitted(runner.jitted_run_model)
+    orig = runner.jitted_run_model
+
+    def wrapper(forward_batch, logits_metadata):
+        mode = "prefill" if forward_batch.forward_mode.is_extend() else "decode"
+        store.setdefault(mode, (runner.model_def, runner.model_state_def,
+                                runner.model_state_leaves, forward_batch,
+                                runner.token_to_kv_pool, logits_metadata))
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(orig(forward_batch, logits_metadata))
+        timers.sec[f"{mode} jit"] += time.perf_counter() - t0
+        timers.calls[f"{mode} jit"] += 1
+        return out
+
+    runner.jitted_run_model = wrapper
+    store["_inner"] = inner
+    sample_inner = jitted(runner.jitted_sampler)
+    orig_sample = runner.jitted_sampler
+
+    def sample_wrapper(*a):
+        store.setdefault("_sampler_args", (runner.sampler_def, runner.sampler_state_def,
+                                           runner.sampler_state_leaves, *a))
+        return orig_sample(*a)
+
+    runner.jitted_sampler = sample_wrapper
+    store["_sampler"] = sample_inner
+
+
+def program_counts(fn, args) -> dict:
+    lowered = fn.lower(*args)
+    text = lowered.as_text()
+    compiled = lowered.compile()
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):
+        cost = cost[0]
+    mem = compiled.memory_analysis()
+    return {
+        "flops": float(cost.get("flops", 0.0)),
+        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0) or 0),
+        "host_callbacks": text.count("callback"),
+    }
+
+
+def profile_shape(md, model, tok, batch: int, new: int, timers: Timers) -> dict:
+    from tunix_sglang.engine import EngineSettings, InProcessEngine
+
+    ids = prompts(tok, batch)
+    settings = EngineSettings.for_rollout(str(md.path), max_prompt_len=PROMPT_LEN * 2,
+                                          max_new_tokens=new, num_prompts=batch)
+    eng = InProcessEngine(settings).start()
+    store: dict = {}
+    try:
+        eng.sync_from_tunix(model)
+        eng.generate(ids[:2], max_new_tokens=4, ignore_eos=True)
+        capture_forward_args(eng._runner, store, timers)
+        timers.reset()
+        t0 = time.perf_counter()
+        out = eng.generate(ids, max_new_tokens=new, temperature=1.0, ignore_eos=True)
+        wall = time.perf_counter() - t0
+        phases = dict(timers.sec)
+        calls = dict(timers.calls)
+        run_batch = phases.pop("run_batch", 0.0)
+        worker = phases.pop("worker", 0.0)
+        model = sum(phases.get(k, 0.0) for k in ("prefill forward", "decode forward",
+                                                 "sampler"))
+        phases["batch arrays to device"] = worker - model
+        phases["run_batch other (logprob capture, id copy)"] = (
+            run_batch - worker - phases.get("batch prep", 0.0))
+        phases["other (scheduling, loop, I/O)"] = wall - run_batch - phases.get(
+            "result processing", 0.0)
+        n = sum(len(s.tokens) for s in out)
+        programs = {}
+        inner_fn, sampler_fn = store.pop("_inner"), store.pop("_sampler")
+        sampler_args = store.pop("_sampler_args", None)
+        with jax.set_mesh(eng.mesh):
+            for mode, args in store.items():
+                programs[f"{mode} forward"] = program_counts(inner_fn, args)
+            if sampler_args is not None:
+                programs["sampler"] = program_counts(sampler_fn, sampler_args)
+        return {"batch": batch, "new_tokens": new, "tokens": n, "wall_sec": wall,
+                "tok_s": n / wall, "phases_sec": phases, "calls": calls,
+                "programs": programs,
+                "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    finally:
+        eng.shutdown()
+
+
+def parse_args():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="random,qwen3-0.6b")
+    ap.add_argument("--shapes", default="32x128,128x128")
+    ap.add_argument("--json", type=Path, default=None)
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    from tunix_sglang import compat, models
+
+    compat.apply_all()
+    timers = Timers()
+    instrument(timers)
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    results = []
+    for name in args.models.split(","):
+        md = models.inspect_model_dir(model_dir(name))
+        model = models.load_model(md, mesh)
+        tok = models.load_tokenizer(md)
+        for batch, new in parse_shapes(args.shapes):
+            r = {"model": name, **profile_shape(md, model, tok, batch, new, timers)}
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"profiles": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

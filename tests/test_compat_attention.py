@@ -1,0 +1,149 @@
+"""CPU attention per sequence (compat.sglang_jax_attention): the same outputs as sglang-jax
+0.0.2's native backend (kept in ORIGINALS), for a fraction of its work and memory.
+
+The original attends the whole padded batch at once (every query of the batch against every
+KV slot of the batch, masked block-diagonally); the fixes gather each sequence's own keys.
+Inputs are laid out as the scheduler lays them out: `loc` lists each sequence's KV slots one
+after another in rows x max_len entries (0 = padding), prefill tokens are packed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from tunix_sglang import compat  # noqa: E402
+from tunix_sglang.compat import sglang_jax_attention as attention  # noqa: E402
+from tunix_sglang.compat.sglang_jax_fixes import ORIGINALS  # noqa: E402
+
+compat.apply_all()
+
+
+def _modes():
+    from sgl_jax.srt.layers.attention import native_backend
+    from sgl_jax.srt.model_executor.forward_batch_info import ForwardMode
+
+    return ORIGINALS["native_backend.forward_attention"], native_backend.forward_attention, \
+        ForwardMode
+
+
+def _slots(rng, rows, max_len, lens):
+    pool = rows * max_len + 1
+    loc = np.zeros(rows * max_len, np.int32)
+    loc[: lens.sum()] = rng.permutation(np.arange(1, pool))[: lens.sum()]
+    return pool, loc
+
+
+def _decode_batch(rows, real, max_len, longest, heads=4, kv_heads=2, head_dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    lens = np.zeros(rows, np.int32)
+    lens[:real] = rng.integers(1, longest + 1, real)
+    pool, loc = _slots(rng, rows, max_len, lens)
+    q = rng.standard_normal((rows, heads * head_dim)).astype(np.float32)
+    k, v = (rng.standard_normal((pool, kv_heads, head_dim)).astype(np.float32)
+            for _ in range(2))
+    return [jnp.asarray(x) for x in (q, k, v, lens, loc)], heads, kv_heads
+
+
+def _extend_batch(rows, real, max_len, tokens, prefix, heads=4, kv_heads=2, head_dim=16,
+                  seed=0, new_len=None):
+    """`real` sequences with `new_len` (default: 1..max_len/2) new tokens each (and a cached
+    prefix if asked), packed into `tokens` query rows (the rest padding)."""
+    rng = np.random.default_rng(seed)
+    new, pre = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+    for b in range(real):
+        new[b] = new_len or rng.integers(1, max_len // 2 + 1)
+        pre[b] = rng.integers(0, max_len - new[b] + 1) if prefix else 0
+    assert new.sum() <= tokens
+    pool, loc = _slots(rng, rows, max_len, new + pre)
+    q = rng.standard_normal((tokens, heads, head_dim)).astype(np.float32)
+    k, v = (rng.standard_normal((pool, kv_heads, head_dim)).astype(np.float32)
+            for _ in range(2))
+    args = [jnp.asarray(x) for x in (q, k, v, new + pre, loc, pre, new)]
+    return args, heads, kv_heads, int(new.sum())
+
+
+def _decode(fn, heads, kv_heads):
+    _, _, mode = _modes()
+    return jax.jit(lambda *a: fn(*a, None, None, heads, kv_heads, None, False, mode.DECODE))
+
+
+def _extend(fn, heads, kv_heads, causal=True):
+    _, _, mode = _modes()
+    return jax.jit(lambda *a: fn(*a, heads, kv_heads, None, causal, mode.EXTEND))
+
+
+def test_attention_fixes_active_and_recorded():
+    assert all(attention.active().values()) and len(attention.active()) == len(attention.FIXES)
+    for name, _, _ in attention.FIXES:
+        assert name in compat.ACTIVE_FIXES
+    attention.apply()  # idempotent: the fixes wrap the backend once
+    fn = _modes()[1]
+    assert fn.__wrapped__.__wrapped__ is ORIGINALS["native_backend.forward_attention"]
+
+
+def test_attention_widths_and_branch():
+    assert attention.attention_widths(599) == [38, 75, 150, 300, 599]
+    assert attention.attention_widths(40) == [20, 40]
+    assert attention.attention_widths(10) == [10]
+    widths = attention.attention_widths(215)
+    for lens, want in [([1, 27, 0], 27), ([28, 3], 54), ([108], 108), ([109, 1], 215),
+                       ([215], 215)]:
+        got = widths[int(attention.branch_for(widths, jnp.asarray(lens)))]
+        assert got == want, (lens, got)
+
+
+@pytest.mark.parametrize("longest", [5, 30, 64])  # three of the four width branches
+def test_native_decode_attention_per_sequence(longest):
+    """Decode: the original's outputs (GQA, padded rows, sequences of different lengths in
+    every width branch), for a fraction of its work (the original scores every query
+    against every key of the batch)."""
+    orig, fixed, _ = _modes()
+    for seed in range(3):
+        args, h, kv = _decode_batch(8, 6, 64, longest, seed=seed)
+        want, got = _decode(orig, h, kv)(*args), _decode(fixed, h, kv)(*args)
+        np.testing.assert_allclose(np.asarray(got)[:6], np.asarray(want)[:6], atol=1e-5)
+
+    def flops(fn):
+        args, h, kv = _decode_batch(32, 32, 64, 64)
+        return _decode(fn, h, kv).lower(*args).compile().cost_analysis()["flops"]
+
+    assert flops(fixed) < flops(orig) / 8
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_native_prefill_attention_per_sequence(prefix, causal):
+    """Prefill (EXTEND, with and without cached prefixes): the original's outputs for every
+    real token; padding tokens get zeros (nothing reads them)."""
+    orig, fixed, _ = _modes()
+    for seed, (rows, real) in enumerate([(8, 8), (8, 5), (4, 1)]):
+        args, h, kv, n = _extend_batch(rows, real, 24, 112, prefix, seed=seed)
+        want = np.asarray(_extend(orig, h, kv, causal)(*args))
+        got = np.asarray(_extend(fixed, h, kv, causal)(*args))
+        np.testing.assert_allclose(got[:n], want[:n], atol=1e-5)
+        assert not got[n:].any()
+
+
+def test_native_prefill_attention_memory_grows_with_tokens_not_batch_squared():
+    """What ran the 128 x 512 rollout out of memory: the original's temporary buffers hold
+    [heads, tokens, rows x max_len] scores (batch x total length); the fix's hold a few
+    [heads, width, width] blocks."""
+    orig, fixed, _ = _modes()
+
+    def temp_bytes(fn, rows):
+        args, h, kv, _ = _extend_batch(rows, rows, 215, rows * 40, False, new_len=40)
+        return _extend(fn, h, kv).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    small_orig, small_fixed = temp_bytes(orig, 16), temp_bytes(fixed, 16)
+    big_orig, big_fixed = temp_bytes(orig, 64), temp_bytes(fixed, 64)
+    assert big_orig > 12 * small_orig  # 4x the batch: ~16x the original's memory
+    assert big_fixed < 5 * small_fixed  # ... at most ~4x the fix's
+    assert big_fixed < big_orig / 10
