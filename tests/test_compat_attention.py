@@ -26,30 +26,41 @@ from tunix_sglang.compat.sglang_jax_fixes import ORIGINALS  # noqa: E402
 compat.apply_all()
 
 
-def _modes():
-    from sgl_jax.srt.layers.attention import native_backend
+def _mode():
     from sgl_jax.srt.model_executor.forward_batch_info import ForwardMode
 
-    return ORIGINALS["native_backend.forward_attention"], native_backend.forward_attention, \
-        ForwardMode
+    return ForwardMode
 
 
-def _slots(rng, rows, max_len, lens):
-    pool = rows * max_len + 1
+def _original():
+    """The release's whole-batch attention, called as its NativeAttention.__call__ calls it:
+    with strided K and V views of the fused KV buffer."""
+    from sgl_jax.srt.layers.attention import native_backend
+
+    fn = native_backend.forward_attention
+
+    def original(q, fused, *rest):
+        return fn(q, fused[:, ::2], fused[:, 1::2], *rest)
+
+    return original
+
+
+def _slots(rng, rows, max_len, lens, pool_factor=1):
+    pool = pool_factor * rows * max_len + 1
     loc = np.zeros(rows * max_len, np.int32)
     loc[: lens.sum()] = rng.permutation(np.arange(1, pool))[: lens.sum()]
     return pool, loc
 
 
-def _decode_batch(rows, real, max_len, longest, heads=4, kv_heads=2, head_dim=16, seed=0):
+def _decode_batch(rows, real, max_len, longest, heads=4, kv_heads=2, head_dim=16, seed=0,
+                  pool_factor=1):
     rng = np.random.default_rng(seed)
     lens = np.zeros(rows, np.int32)
     lens[:real] = rng.integers(1, longest + 1, real)
-    pool, loc = _slots(rng, rows, max_len, lens)
+    pool, loc = _slots(rng, rows, max_len, lens, pool_factor)
     q = rng.standard_normal((rows, heads * head_dim)).astype(np.float32)
-    k, v = (rng.standard_normal((pool, kv_heads, head_dim)).astype(np.float32)
-            for _ in range(2))
-    return [jnp.asarray(x) for x in (q, k, v, lens, loc)], heads, kv_heads
+    fused = rng.standard_normal((pool, 2 * kv_heads, head_dim)).astype(np.float32)
+    return [jnp.asarray(x) for x in (q, fused, lens, loc)], heads, kv_heads
 
 
 def _extend_batch(rows, real, max_len, tokens, prefix, heads=4, kv_heads=2, head_dim=16,
@@ -64,20 +75,22 @@ def _extend_batch(rows, real, max_len, tokens, prefix, heads=4, kv_heads=2, head
     assert new.sum() <= tokens
     pool, loc = _slots(rng, rows, max_len, new + pre)
     q = rng.standard_normal((tokens, heads, head_dim)).astype(np.float32)
-    k, v = (rng.standard_normal((pool, kv_heads, head_dim)).astype(np.float32)
-            for _ in range(2))
-    args = [jnp.asarray(x) for x in (q, k, v, new + pre, loc, pre, new)]
+    fused = rng.standard_normal((pool, 2 * kv_heads, head_dim)).astype(np.float32)
+    args = [jnp.asarray(x) for x in (q, fused, new + pre, loc, pre, new)]
     return args, heads, kv_heads, int(new.sum())
 
 
 def _decode(fn, heads, kv_heads):
-    _, _, mode = _modes()
-    return jax.jit(lambda *a: fn(*a, None, None, heads, kv_heads, None, False, mode.DECODE))
+    if fn is attention.decode_attention_per_sequence:
+        return jax.jit(lambda *a: fn(*a, heads, kv_heads))
+    return jax.jit(lambda *a: fn(*a, None, None, heads, kv_heads, None, False,
+                                 _mode().DECODE))
 
 
 def _extend(fn, heads, kv_heads, causal=True):
-    _, _, mode = _modes()
-    return jax.jit(lambda *a: fn(*a, heads, kv_heads, None, causal, mode.EXTEND))
+    if fn is attention.prefill_attention_per_sequence:
+        return jax.jit(lambda *a: fn(*a, heads, kv_heads, None, causal))
+    return jax.jit(lambda *a: fn(*a, heads, kv_heads, None, causal, _mode().EXTEND))
 
 
 def test_attention_fixes_active_and_recorded():
@@ -85,8 +98,10 @@ def test_attention_fixes_active_and_recorded():
     for name, _, _ in attention.FIXES:
         assert name in compat.ACTIVE_FIXES
     attention.apply()  # idempotent: the fixes wrap the backend once
-    fn = _modes()[1]
-    assert fn.__wrapped__.__wrapped__ is ORIGINALS["native_backend.forward_attention"]
+    from sgl_jax.srt.layers.attention.native_backend import NativeAttention
+
+    assert NativeAttention.__call__.__wrapped__.__wrapped__ is ORIGINALS[
+        "NativeAttention.__call__"]
 
 
 def test_attention_widths_and_branch():
@@ -105,17 +120,25 @@ def test_native_decode_attention_per_sequence(longest):
     """Decode: the original's outputs (GQA, padded rows, sequences of different lengths in
     every width branch), for a fraction of its work (the original scores every query
     against every key of the batch)."""
-    orig, fixed, _ = _modes()
+    orig, fixed = _original(), attention.decode_attention_per_sequence
     for seed in range(3):
         args, h, kv = _decode_batch(8, 6, 64, longest, seed=seed)
         want, got = _decode(orig, h, kv)(*args), _decode(fixed, h, kv)(*args)
         np.testing.assert_allclose(np.asarray(got)[:6], np.asarray(want)[:6], atol=1e-5)
 
-    def flops(fn):
+    def compiled(fn):
         args, h, kv = _decode_batch(32, 32, 64, 64)
-        return _decode(fn, h, kv).lower(*args).compile().cost_analysis()["flops"]
+        return _decode(fn, h, kv).lower(*args).compile(), args[1].shape
 
-    assert flops(fixed) < flops(orig) / 8
+    assert compiled(fixed)[0].cost_analysis()["flops"] < \
+        compiled(orig)[0].cost_analysis()["flops"] / 8
+    # The layer's KV buffer is only read through the gather, never copied whole (handing
+    # strided K/V views of it to the width branches would copy it every step).
+    program, (slots, kv2, dim) = compiled(fixed)
+    whole = (f"= f32[{slots},{kv2},{dim}]", f"= f32[{slots},{kv2 // 2},{dim}]")  # KV, K or V
+    made = [line for line in program.as_text().splitlines() if any(w in line for w in whole)
+            and not any(op in line for op in ("parameter(", "get-tuple-element("))]
+    assert not made, made
 
 
 @pytest.mark.parametrize("prefix", [False, True])
@@ -123,7 +146,7 @@ def test_native_decode_attention_per_sequence(longest):
 def test_native_prefill_attention_per_sequence(prefix, causal):
     """Prefill (EXTEND, with and without cached prefixes): the original's outputs for every
     real token; padding tokens get zeros (nothing reads them)."""
-    orig, fixed, _ = _modes()
+    orig, fixed = _original(), attention.prefill_attention_per_sequence
     for seed, (rows, real) in enumerate([(8, 8), (8, 5), (4, 1)]):
         args, h, kv, n = _extend_batch(rows, real, 24, 112, prefix, seed=seed)
         want = np.asarray(_extend(orig, h, kv, causal)(*args))
@@ -136,7 +159,7 @@ def test_native_prefill_attention_memory_grows_with_tokens_not_batch_squared():
     """What ran the 128 x 512 rollout out of memory: the original's temporary buffers hold
     [heads, tokens, rows x max_len] scores (batch x total length); the fix's hold a few
     [heads, width, width] blocks."""
-    orig, fixed, _ = _modes()
+    orig, fixed = _original(), attention.prefill_attention_per_sequence
 
     def temp_bytes(fn, rows):
         args, h, kv, _ = _extend_batch(rows, rows, 215, rows * 40, False, new_len=40)

@@ -1,14 +1,14 @@
 """Fixes to sglang-jax 0.0.2's native (CPU) attention backend: attention per sequence.
 
-The native backend (`native_backend.forward_attention`) attends the whole padded batch at
-once: every query of the batch against every key slot of the batch (rows x max_req_len),
+The native backend (`NativeAttention` -> `forward_attention`) attends the whole padded batch
+at once: every query of the batch against every key slot of the batch (rows x max_req_len),
 masking out the pairs of different sequences. Cost and memory grow with batch x total
 length: decode with the square of the batch, and prefill (EXTEND) with prompt tokens x
 (rows x max_req_len), which asked for 25.5 GB at batch 128 x 552-token contexts. Both fixes
 below compute exactly the same attention over each sequence's own keys, so that work and
 memory grow with the sum of the sequence lengths. Same contract as the rest of compat:
 each fix checks the installed code, keeps the original in `ORIGINALS` and has a test of
-equal outputs and of the cost it removes (tests/test_compat_sglang.py).
+equal outputs and of the cost it removes (tests/test_compat_attention.py).
 """
 
 from __future__ import annotations
@@ -31,14 +31,8 @@ PREFILL_BLOCK_BYTES = 64 * 2**20
 
 
 # ---------------------------------------------------------------------------------------
-# Decode: each sequence's one query against its own keys
+# Shared: static widths, and one gather of a sequence's keys and values
 # ---------------------------------------------------------------------------------------
-
-def decode_attends_whole_batch(fn: Callable) -> bool:
-    """True when the native backend's decode attention scores each sequence's query against
-    all keys of the padded batch and masks the others out (`_apply_decode_mask`)."""
-    return "_apply_decode_mask" in _src(fn)
-
 
 def attention_widths(width: int) -> list[int]:
     """Static per-sequence key widths (ascending): max_req_len, then halves (>= 16), at most
@@ -59,16 +53,44 @@ def branch_for(widths: list[int], seq_lengths: Any) -> Any:
     return jnp.minimum(jnp.searchsorted(jnp.asarray(widths), longest), len(widths) - 1)
 
 
-def decode_attention_per_sequence(q: Any, k_cache: Any, v_cache: Any, seq_lengths: Any,
-                                  loc: Any, num_heads: int, num_kv_heads: int,
+def gather_kv(kv_fused: Any, loc: Any, starts: Any, lengths: Any, width: int):
+    """Keys, values [n, width, kv_heads, head_dim] of n sequences, and which are real [n, width].
+
+    `kv_fused` is the layer's KV buffer as sglang-jax keeps it: [slots, 2 x kv_heads, head_dim]
+    (K and V of a head side by side); sequence i's slots are loc[starts[i]:][:lengths[i]]
+    (slot 0 = padding). One gather of whole rows: the buffer itself is never copied.
+    """
+    import jax.numpy as jnp
+
+    offs = jnp.arange(width)[None, :]
+    slot = loc[jnp.clip(starts[:, None] + offs, 0, loc.shape[0] - 1)]
+    ok = (offs < lengths[:, None]) & (slot > 0)
+    safe = jnp.where(ok, slot, kv_fused.shape[0])  # out of range: filled with zeros
+    rows = jnp.take(kv_fused, safe, axis=0, mode="fill", fill_value=0)
+    kv = rows.reshape(*rows.shape[:-2], rows.shape[-2] // 2, 2, rows.shape[-1])
+    return kv[..., 0, :], kv[..., 1, :], ok
+
+
+# ---------------------------------------------------------------------------------------
+# Decode: each sequence's one query against its own keys
+# ---------------------------------------------------------------------------------------
+
+def decode_attends_whole_batch(fn: Callable) -> bool:
+    """True when the native backend's decode attention scores each sequence's query against
+    all keys of the padded batch and masks the others out (`_apply_decode_mask`)."""
+    return "_apply_decode_mask" in _src(fn)
+
+
+def decode_attention_per_sequence(q: Any, kv_fused: Any, seq_lengths: Any, loc: Any,
+                                  num_heads: int, num_kv_heads: int,
                                   scale: Any = None) -> Any:
     """Decode attention over each sequence's own keys only.
 
-    Same inputs and result as the native backend's decode path: `loc` lists the KV slots
-    of the sequences one after another (`seq_lengths` each, slot 0 = padding), in a buffer
-    of rows x max_req_len slots, so no sequence has more than len(loc) // rows keys. The
-    keys are gathered per sequence ([rows, width, kv_heads, head_dim], `width` the smallest
-    of `attention_widths` that holds the longest sequence) and the query heads are grouped
+    Same result as the native backend's decode path: `loc` lists the KV slots of the
+    sequences one after another (`seq_lengths` each, slot 0 = padding), in a buffer of
+    rows x max_req_len slots, so no sequence has more than len(loc) // rows keys. The keys
+    are gathered per sequence ([rows, width, kv_heads, head_dim], `width` the smallest of
+    `attention_widths` that holds the longest sequence) and the query heads are grouped
     onto their KV head instead of repeating the KV heads. Work and memory: O(rows x width)
     instead of O(rows^2 x max_req_len).
     """
@@ -76,7 +98,7 @@ def decode_attention_per_sequence(q: Any, k_cache: Any, v_cache: Any, seq_length
     import jax.numpy as jnp
     from jax import lax
 
-    rows, total = q.shape[0], loc.shape[0]
+    rows = q.shape[0]
     head_dim = q.shape[-1] // num_heads if q.ndim == 2 else q.shape[-1]
     group = num_heads // num_kv_heads
     qh = q.reshape(rows, num_kv_heads, group, head_dim)
@@ -85,19 +107,14 @@ def decode_attention_per_sequence(q: Any, k_cache: Any, v_cache: Any, seq_length
         scale = 1.0 / jnp.sqrt(head_dim)
 
     def attend(width):
-        offs = jnp.arange(width)[None, :]
-        slot = loc[jnp.clip(starts[:, None] + offs, 0, total - 1)]
-        valid = (offs < seq_lengths[:, None]) & (slot > 0)  # within the sequence: < total
-        safe = jnp.where(valid, slot, k_cache.shape[0])  # out of range: filled with zeros
-        k = jnp.take(k_cache, safe, axis=0, mode="fill", fill_value=0)
-        v = jnp.take(v_cache, safe, axis=0, mode="fill", fill_value=0)
+        k, v, valid = gather_kv(kv_fused, loc, starts, seq_lengths, width)
         logits = jnp.einsum("bgqd,blgd->bgql", qh, k) * scale
         logits = jnp.where(valid[:, None, None, :], logits,
                            jnp.asarray(jnp.finfo(logits.dtype).min, logits.dtype))
         out = jnp.einsum("bgql,blgd->bgqd", jax.nn.softmax(logits, axis=-1), v)
         return out.reshape(rows, num_heads * head_dim)
 
-    widths = attention_widths(total // rows)
+    widths = attention_widths(loc.shape[0] // rows)
     return lax.switch(branch_for(widths, seq_lengths),
                       [functools.partial(attend, w) for w in widths])
 
@@ -119,18 +136,18 @@ def rows_per_block(rows: int, width: int, num_heads: int) -> int:
     return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= fit)
 
 
-def prefill_attention_per_sequence(q: Any, k_cache: Any, v_cache: Any, seq_lengths: Any,
-                                   loc: Any, extend_prefix_lens: Any, extend_seq_lens: Any,
+def prefill_attention_per_sequence(q: Any, kv_fused: Any, seq_lengths: Any, loc: Any,
+                                   extend_prefix_lens: Any, extend_seq_lens: Any,
                                    num_heads: int, num_kv_heads: int, scale: Any = None,
                                    is_causal: bool = True) -> Any:
     """Prefill (EXTEND) attention of each sequence's new tokens over its own keys.
 
-    Same inputs and result as the native backend's EXTEND path: the new tokens of the
-    sequences are packed one after another in `q` (`extend_seq_lens` each, then padding),
-    their KV slots listed one sequence after another in `loc` (`seq_lengths` each: prefix
-    then new tokens; slot 0 = padding), in a buffer of rows x max_req_len slots. New token
-    i of sequence b sits at position extend_prefix_lens[b] + i and (causal) sees keys 0 to
-    that position. Each sequence's queries and keys are gathered into a [width] block, with
+    Same result as the native backend's EXTEND path: the new tokens of the sequences are
+    packed one after another in `q` (`extend_seq_lens` each, then padding), their KV slots
+    listed one sequence after another in `loc` (`seq_lengths` each: prefix then new
+    tokens; slot 0 = padding), in a buffer of rows x max_req_len slots. New token i of
+    sequence b sits at position extend_prefix_lens[b] + i and (causal) sees keys 0 to that
+    position. Each sequence's queries and keys are gathered into a [width] block, with
     width the smallest of `attention_widths` that holds the longest sequence of the batch,
     and the blocks are attended a few sequences at a time (at most PREFILL_BLOCK_BYTES of
     scores), the results written back to the packed token order. Work: rows x width^2
@@ -143,7 +160,7 @@ def prefill_attention_per_sequence(q: Any, k_cache: Any, v_cache: Any, seq_lengt
     import jax.numpy as jnp
     from jax import lax
 
-    rows, total, tokens = seq_lengths.shape[0], loc.shape[0], q.shape[0]
+    rows, tokens = seq_lengths.shape[0], q.shape[0]
     head_dim = q.shape[-1] if q.ndim == 3 else q.shape[-1] // num_heads
     group = num_heads // num_kv_heads
     qg = q.reshape(tokens, num_kv_heads, group, head_dim)
@@ -155,12 +172,8 @@ def prefill_attention_per_sequence(q: Any, k_cache: Any, v_cache: Any, seq_lengt
 
     def block(width, b):
         """Outputs [len(b), width, kv_heads, group, head_dim] of the sequences `b`."""
+        k, v, k_ok = gather_kv(kv_fused, loc, k_starts[b], seq_lengths[b], width)
         offs = jnp.arange(width)[None, :]
-        slot = loc[jnp.clip(k_starts[b][:, None] + offs, 0, total - 1)]
-        k_ok = (offs < seq_lengths[b][:, None]) & (slot > 0)
-        safe = jnp.where(k_ok, slot, k_cache.shape[0])  # out of range: filled with zeros
-        k = jnp.take(k_cache, safe, axis=0, mode="fill", fill_value=0)
-        v = jnp.take(v_cache, safe, axis=0, mode="fill", fill_value=0)
         q_idx = jnp.where(offs < extend_seq_lens[b][:, None], q_starts[b][:, None] + offs,
                           tokens)
         qb = jnp.take(qg, q_idx, axis=0, mode="fill", fill_value=0)
@@ -181,19 +194,77 @@ def prefill_attention_per_sequence(q: Any, k_cache: Any, v_cache: Any, seq_lengt
                           jnp.arange(rows).reshape(rows // per, per))
         return out.reshape(rows * width, num_heads * head_dim)
 
-    widths = attention_widths(total // rows)
     # Back to the packed token order: token t is new token t - q_starts[b] of sequence b.
     t = jnp.arange(tokens)
-    b = jnp.searchsorted(q_starts + extend_seq_lens, t, side="right")
+    b = jnp.clip(jnp.searchsorted(q_starts + extend_seq_lens, t, side="right"), 0, rows - 1)
     real = t < jnp.sum(extend_seq_lens)
-    bc = jnp.clip(b, 0, rows - 1)
 
     def packed(width):
-        flat = jnp.where(real, bc * width + t - q_starts[bc], rows * width)
+        flat = jnp.where(real, b * width + t - q_starts[b], rows * width)
         return jnp.take(attend(width), flat, axis=0, mode="fill", fill_value=0)
 
+    widths = attention_widths(loc.shape[0] // rows)
     return lax.switch(branch_for(widths, seq_lengths),
                       [functools.partial(packed, w) for w in widths])
+
+
+# ---------------------------------------------------------------------------------------
+# The fixes: NativeAttention.__call__ per mode
+# ---------------------------------------------------------------------------------------
+
+def _native_backend():
+    from sgl_jax.srt.layers.attention import native_backend
+
+    return native_backend
+
+
+def backend_attends_through(native_backend, check: Callable[[Callable], bool]) -> bool:
+    """True when NativeAttention hands the layer's K/V (strided views of its fused buffer)
+    to a `forward_attention` that attends the whole batch (`check`)."""
+    call = ORIGINALS.get("NativeAttention.__call__", native_backend.NativeAttention.__call__)
+    return "forward_attention(" in _src(call) and check(native_backend.forward_attention)
+
+
+def fits_per_sequence(q, layer, forward_batch, decode: bool) -> bool:
+    """The layout the per-sequence functions assume (always the scheduler's on CPU)."""
+    rows = forward_batch.seq_lens.shape[0]
+    return (rows > 0 and forward_batch.cache_loc.shape[0] % rows == 0
+            and layer.q_head_num % layer.kv_head_num == 0
+            and (not decode or q.shape[0] == rows))
+
+
+def _layer_scale(layer):
+    import jax.numpy as jnp
+
+    return 1.0 / jnp.sqrt(layer.head_dim) if layer.scaling is None else layer.scaling
+
+
+def _patch_call(mode_name: str, key: str, flag: str, attend: Callable) -> None:
+    """Wrap NativeAttention.__call__: batches in `mode_name` go to `attend`, with the layer's
+    fused KV buffer (updated as the original does); others to the current __call__."""
+    from sgl_jax.srt.model_executor.forward_batch_info import ForwardMode
+    from sgl_jax.srt.utils.jax_utils import is_tpu_runtime
+
+    cls = _native_backend().NativeAttention
+    inner = cls.__call__
+    ORIGINALS.setdefault("NativeAttention.__call__", inner)
+    ORIGINALS[key] = inner
+    mode = getattr(ForwardMode, mode_name)
+
+    @functools.wraps(inner)
+    def __call__(self, q, k, v, layer, forward_batch, token_to_kv_pool):
+        if (forward_batch.forward_mode != mode or is_tpu_runtime()
+                or not fits_per_sequence(q, layer, forward_batch, mode == ForwardMode.DECODE)):
+            return inner(self, q, k, v, layer, forward_batch, token_to_kv_pool)
+        _, _, fused = self._get_and_update_kv_cache(k, v, forward_batch, token_to_kv_pool,
+                                                     layer.layer_id)
+        return attend(q, fused, layer, forward_batch), fused
+
+    __call__._tunix_sglang_fix = True
+    for name in ("_tunix_sglang_decode_fix", "_tunix_sglang_prefill_fix"):
+        setattr(__call__, name, getattr(inner, name, False))
+    setattr(__call__, flag, True)
+    cls.__call__ = __call__
 
 
 def fix_native_decode_attention() -> bool:
@@ -201,33 +272,22 @@ def fix_native_decode_attention() -> bool:
 
     0.0.2's native backend computes a [heads, rows, rows x max_req_len] score matrix for a
     decode step and masks all but each sequence's own keys: cost and memory grow with the
-    square of the batch (25x the FLOPs of the per-sequence gather at batch 32; measured
-    2.3-3.6x the decode throughput, bench/README.md). The per-sequence gather gives the same
-    outputs.
+    square of the batch (25x the FLOPs of the per-sequence gather at batch 32).
+    `decode_attention_per_sequence` gives the same outputs, reading the fused KV buffer
+    directly (handing its strided K/V views on would copy the whole buffer every step).
     """
-    from sgl_jax.srt.layers.attention import native_backend
-    from sgl_jax.srt.model_executor.forward_batch_info import ForwardMode
-
-    fn = native_backend.forward_attention
-    if getattr(fn, "_tunix_sglang_decode_fix", False) or not decode_attends_whole_batch(fn):
+    nb = _native_backend()
+    if (getattr(nb.NativeAttention.__call__, "_tunix_sglang_decode_fix", False)
+            or not backend_attends_through(nb, decode_attends_whole_batch)):
         return False
-    ORIGINALS["native_backend.forward_attention"] = fn
 
-    @functools.wraps(fn)
-    def forward_attention(q, k_cache, v_cache, seq_lengths, loc, extend_prefix_lens,
-                          extend_seq_lens, num_heads, num_kv_heads, scale=None,
-                          is_causal=True, mode=ForwardMode.DECODE):
-        rows = q.shape[0]
-        if (mode == ForwardMode.DECODE and rows == seq_lengths.shape[0] and rows > 0
-                and loc.shape[0] % rows == 0 and num_heads % num_kv_heads == 0):
-            return decode_attention_per_sequence(q, k_cache, v_cache, seq_lengths, loc,
-                                                 num_heads, num_kv_heads, scale)
-        return fn(q, k_cache, v_cache, seq_lengths, loc, extend_prefix_lens, extend_seq_lens,
-                  num_heads, num_kv_heads, scale, is_causal, mode)
+    def attend(q, fused, layer, fb):
+        return decode_attention_per_sequence(q, fused, fb.seq_lens, fb.cache_loc,
+                                             layer.q_head_num, layer.kv_head_num,
+                                             _layer_scale(layer))
 
-    forward_attention._tunix_sglang_fix = True
-    forward_attention._tunix_sglang_decode_fix = True
-    native_backend.forward_attention = forward_attention
+    _patch_call("DECODE", "NativeAttention.__call__.decode", "_tunix_sglang_decode_fix",
+                attend)
     return True
 
 
@@ -239,37 +299,21 @@ def fix_native_prefill_attention() -> bool:
     40-token prompts and 512 new tokens (5,120 tokens x 76,672 slots) one layer asked for a
     25.5 GB buffer and the run died. `prefill_attention_per_sequence` gives the same
     outputs for the real tokens with work and memory in the sum of the sequence lengths.
-    Wraps whatever `forward_attention` is current (the decode fix's, normally).
     """
-    from sgl_jax.srt.layers.attention import native_backend
-    from sgl_jax.srt.model_executor.forward_batch_info import ForwardMode
-
-    fn = native_backend.forward_attention
-    if getattr(fn, "_tunix_sglang_prefill_fix", False):
+    nb = _native_backend()
+    if (getattr(nb.NativeAttention.__call__, "_tunix_sglang_prefill_fix", False)
+            or not backend_attends_through(nb, extend_attends_whole_batch)):
         return False
-    release = ORIGINALS.get("native_backend.forward_attention", fn)
-    if not extend_attends_whole_batch(release):
-        return False
-    ORIGINALS["native_backend.forward_attention.prefill"] = fn
+    from sgl_jax.srt.layers.radix_attention import AttentionType
 
-    @functools.wraps(fn)
-    def forward_attention(q, k_cache, v_cache, seq_lengths, loc, extend_prefix_lens,
-                          extend_seq_lens, num_heads, num_kv_heads, scale=None,
-                          is_causal=True, mode=ForwardMode.DECODE):
-        rows = seq_lengths.shape[0]
-        if (mode == ForwardMode.EXTEND and rows > 0 and loc.shape[0] % rows == 0
-                and extend_seq_lens is not None and extend_prefix_lens is not None
-                and num_heads % num_kv_heads == 0):
-            return prefill_attention_per_sequence(
-                q, k_cache, v_cache, seq_lengths, loc, extend_prefix_lens, extend_seq_lens,
-                num_heads, num_kv_heads, scale, is_causal)
-        return fn(q, k_cache, v_cache, seq_lengths, loc, extend_prefix_lens, extend_seq_lens,
-                  num_heads, num_kv_heads, scale, is_causal, mode)
+    def attend(q, fused, layer, fb):
+        return prefill_attention_per_sequence(
+            q, fused, fb.seq_lens, fb.cache_loc, fb.extend_prefix_lens, fb.extend_seq_lens,
+            layer.q_head_num, layer.kv_head_num, _layer_scale(layer),
+            is_causal=layer.attn_type != AttentionType.ENCODER_ONLY)
 
-    forward_attention._tunix_sglang_fix = True
-    forward_attention._tunix_sglang_decode_fix = getattr(fn, "_tunix_sglang_decode_fix", False)
-    forward_attention._tunix_sglang_prefill_fix = True
-    native_backend.forward_attention = forward_attention
+    _patch_call("EXTEND", "NativeAttention.__call__.prefill", "_tunix_sglang_prefill_fix",
+                attend)
     return True
 
 
