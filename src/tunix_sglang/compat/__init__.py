@@ -16,9 +16,9 @@ def record(name: str, why: str) -> None:
 
 def apply_all() -> dict[str, str]:
     """Apply every fix that the installed packages need; idempotent."""
-    from tunix_sglang.compat import sglang_jax_attention, sglang_jax_fixes, tunix_fixes
+    from tunix_sglang.compat import sglang_jax_cpu_forward, sglang_jax_fixes, tunix_fixes
 
     tunix_fixes.apply()
     sglang_jax_fixes.apply()
-    sglang_jax_attention.apply()
+    sglang_jax_cpu_forward.apply()
     return dict(ACTIVE_FIXES)

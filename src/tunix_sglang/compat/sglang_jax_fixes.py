@@ -30,7 +30,7 @@ Problems handled (numbers refer to /work/shared/notes/dependencies-on-cpu.md):
      non-TPU sampler sorts in a host callback (blocks a mesh spanning processes)
                                                                -> sampler_sort_in_graph
      CPU attention (decode and prefill) against every key of the batch
-                                                               -> sglang_jax_attention.py
+                                                               -> sglang_jax_cpu_forward.py
 Problem 6 (page_size > 1 wrong on CPU) is a configuration rule, in tunix_sglang.engine.
 Problem 10 (wrong output ids with the engine's tokenizer) is avoided by
 `skip_tokenizer_init=True`, also in the engine.

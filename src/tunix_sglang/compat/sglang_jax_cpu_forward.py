@@ -1,14 +1,25 @@
-"""Fixes to sglang-jax 0.0.2's native (CPU) attention backend: attention per sequence.
+"""Fixes to sglang-jax 0.0.2's forward pass on CPU: attention per sequence, logits layout.
 
-The native backend (`NativeAttention` -> `forward_attention`) attends the whole padded batch
-at once: every query of the batch against every key slot of the batch (rows x max_req_len),
-masking out the pairs of different sequences. Cost and memory grow with batch x total
-length: decode with the square of the batch, and prefill (EXTEND) with prompt tokens x
-(rows x max_req_len), which asked for 25.5 GB at batch 128 x 552-token contexts. Both fixes
-below compute exactly the same attention over each sequence's own keys, so that work and
-memory grow with the sum of the sequence lengths. Same contract as the rest of compat:
-each fix checks the installed code, keeps the original in `ORIGINALS` and has a test of
-equal outputs and of the cost it removes (tests/test_compat_attention.py).
+Same contract as the rest of compat: each fix checks the installed code, keeps the
+original in `ORIGINALS` and has a test of equal outputs and of the cost it removes
+(tests/test_compat_cpu_forward.py).
+
+Attention. The native backend (`NativeAttention` -> `forward_attention`) attends the whole
+padded batch at once: every query of the batch against every key slot of the batch (rows x
+max_req_len), masking out the pairs of different sequences. Cost and memory grow with
+batch x total length: decode with the square of the batch, and prefill (EXTEND) with prompt
+tokens x (rows x max_req_len), which asked for 25.5 GB at batch 128 x 552-token contexts.
+Both fixes compute the same attention over each sequence's own keys, so that work and
+memory grow with the sum of the sequence lengths.
+
+Output head. `LogitsProcessor._get_logits` computes `hidden @ embedding.T` with the head's
+weight stored [vocab, hidden] (the input embedding's layout, shared when tied). XLA's CPU
+dot contracts it on its minor dimension, which it does not do in place: every call re-packs
+the whole head (Qwen3-0.6B-shaped head, 151,936 x 1,024, 16 rows: 0.86-1.2 s per call
+against 0.19-0.27 s from a [hidden, vocab] copy, the same logits bit for bit). On CPU the
+engine keeps that copy (`LogitsWeight`, a derived model variable, not a parameter: weight
+sync never writes it) and refreshes it whenever a forward sees a new head weight array (a
+sync, a load). Cost: one more copy of the head in host memory.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tunix_sglang.compat import record
-from tunix_sglang.compat.sglang_jax_fixes import _LOCK, ORIGINALS, _src
+from tunix_sglang.compat.sglang_jax_fixes import _LOCK, ORIGINALS, _src, path_names
 
 _APPLIED: dict[str, bool] = {}
 
@@ -317,16 +328,147 @@ def fix_native_prefill_attention() -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------
+# Output head: logits from a [hidden, vocab] copy on CPU
+# ---------------------------------------------------------------------------------------
+
+def logits_contract_head_rows(processor_cls) -> bool:
+    """True when the logits are `hidden @ <[vocab, hidden] weight>.T`."""
+    return "embedding.T" in _src(processor_cls._get_logits)
+
+
+def logits_head(model) -> Any:
+    """The module whose weight gives the logits: `lm_head` (untied) or the backbone's
+    `embed_tokens` (tied), as Qwen3/Qwen2/Llama in sglang-jax 0.0.2 pass them."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", True):
+        return getattr(model, "lm_head", None)
+    for backbone in ("transformer", "model"):
+        embed = getattr(getattr(model, backbone, None), "embed_tokens", None)
+        if embed is not None:
+            return embed
+    return None
+
+
+@functools.cache
+def logits_weight_class():
+    from flax import nnx
+
+    class LogitsWeight(nnx.Variable):
+        """The output head's weight as [hidden, vocab], derived from its [vocab, hidden]
+        weight (not a parameter)."""
+
+    return LogitsWeight
+
+
+@functools.cache
+def _transposer(sharding):
+    import jax
+
+    return jax.jit(lambda w: w.T, out_shardings=sharding)
+
+
+class HeadRefresh:
+    """Keeps a runner's LogitsWeight leaf the transpose of its head weight leaf."""
+
+    def __init__(self, runner, head):
+        import jax
+        from flax import nnx
+
+        _, state = nnx.split(runner.model)
+        paths = [tuple(path_names(p)) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+        head_path = _module_path(runner.model, head)
+        self.src = paths.index((*head_path, "embedding"))
+        self.dst = paths.index((*head_path, "logits_weight"))
+        self.head = head
+        self.seen = runner.model_state_leaves[self.src]
+
+    def __call__(self, runner) -> None:
+        """Run before each forward (scheduler thread): refresh after a new head weight."""
+        leaves = runner.model_state_leaves
+        if leaves[self.src] is self.seen:
+            return
+        leaves = list(leaves)
+        leaves[self.dst] = _transposer(leaves[self.dst].sharding)(leaves[self.src])
+        self.head.logits_weight.value = leaves[self.dst]  # the model drops the old copy too
+        runner.model_state_leaves = leaves
+        self.seen = leaves[self.src]
+
+
+def _module_path(model, target) -> tuple[str, ...]:
+    from flax import nnx
+
+    for path, mod in nnx.iter_graph(model):
+        if mod is target:
+            return tuple(str(p) for p in path)
+    raise ValueError("logits head is not part of the model")
+
+
+def fix_cpu_lm_head_layout() -> bool:
+    """On CPU, compute logits from a [hidden, vocab] copy of the head (module docstring)."""
+    import jax.numpy as jnp
+    from sgl_jax.srt.layers.logits_processor import LogitsProcessor
+    from sgl_jax.srt.model_executor.model_runner import ModelRunner
+
+    get_logits = LogitsProcessor._get_logits
+    if getattr(get_logits, "_tunix_sglang_fix", False) or not logits_contract_head_rows(
+        LogitsProcessor
+    ):
+        return False
+    ORIGINALS["LogitsProcessor._get_logits"] = get_logits
+    ORIGINALS["ModelRunner.load_model"] = load_model = ModelRunner.load_model
+    ORIGINALS["ModelRunner.initialize_jit.lm_head"] = initialize_jit = ModelRunner.initialize_jit
+
+    @functools.wraps(get_logits)
+    def _get_logits(self, hidden_states, lm_head):
+        weight = getattr(lm_head, "logits_weight", None)
+        if weight is None:
+            return get_logits(self, hidden_states, lm_head)
+        hidden_states, weight = lm_head.promote_dtype((hidden_states, weight.value),
+                                                      dtype=lm_head.dtype)
+        logits = jnp.dot(hidden_states, weight)
+        return logits[:, : self.vocab_size] if logits.ndim > 1 else logits[: self.vocab_size]
+
+    @functools.wraps(load_model)
+    def _load_model(self):
+        load_model(self)
+        head = logits_head(self.model) if self.device == "cpu" else None
+        if head is not None:
+            head.logits_weight = logits_weight_class()(jnp.transpose(head.embedding.value))
+
+    @functools.wraps(initialize_jit)
+    def _initialize_jit(self):
+        initialize_jit(self)
+        head = logits_head(self.model)
+        if head is None or getattr(head, "logits_weight", None) is None:
+            return
+        refresh, forward = HeadRefresh(self, head), self.jitted_run_model
+
+        def run_model(forward_batch, logits_metadata):
+            refresh(self)
+            return forward(forward_batch, logits_metadata)
+
+        self.jitted_run_model = run_model
+
+    for fn in (_get_logits, _load_model, _initialize_jit):
+        fn._tunix_sglang_fix = True
+    LogitsProcessor._get_logits = _get_logits
+    ModelRunner.load_model = _load_model
+    ModelRunner.initialize_jit = _initialize_jit
+    return True
+
+
 FIXES: list[tuple[str, Callable[[], bool], str]] = [
     ("sglang_jax.native_decode_attention", fix_native_decode_attention,
      "CPU decode attention scored every query against every key of the batch"),
     ("sglang_jax.native_prefill_attention", fix_native_prefill_attention,
      "CPU prefill attention scored every new token against every key slot of the batch"),
+    ("sglang_jax.cpu_lm_head_layout", fix_cpu_lm_head_layout,
+     "CPU logits re-packed the whole [vocab, hidden] head on every call"),
 ]
 
 
 def apply() -> None:
-    """Apply the attention fixes this installation needs; idempotent. No-op without sgl_jax."""
+    """Apply the CPU forward fixes this installation needs; idempotent. No-op without sgl_jax."""
     if importlib.util.find_spec("sgl_jax") is None:
         return
     with _LOCK:

@@ -1,15 +1,18 @@
-"""CPU attention per sequence (compat.sglang_jax_attention): the same outputs as sglang-jax
-0.0.2's native backend (kept in ORIGINALS), for a fraction of its work and memory.
+"""The CPU forward fixes (compat.sglang_jax_cpu_forward): the same outputs as sglang-jax
+0.0.2 (kept in ORIGINALS), for a fraction of its work and memory.
 
-The original attends the whole padded batch at once (every query of the batch against every
-KV slot of the batch, masked block-diagonally); the fixes gather each sequence's own keys.
+Attention: the original attends the whole padded batch at once (every query of the batch
+against every KV slot of the batch, masked block-diagonally); the fixes gather each
+sequence's own keys.
 Inputs are laid out as the scheduler lays them out: `loc` lists each sequence's KV slots one
-after another in rows x max_len entries (0 = padding), prefill tokens are packed.
+after another in rows x max_len entries (0 = padding), prefill tokens are packed. Output
+head: logits from a [hidden, vocab] copy of the head.
 """
 
 from __future__ import annotations
 
 import os
+import types
 
 import numpy as np
 import pytest
@@ -18,9 +21,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from tunix_sglang import compat  # noqa: E402
-from tunix_sglang.compat import sglang_jax_attention as attention  # noqa: E402
+from tunix_sglang.compat import sglang_jax_cpu_forward as cpu_forward  # noqa: E402
 from tunix_sglang.compat.sglang_jax_fixes import ORIGINALS  # noqa: E402
 
 compat.apply_all()
@@ -81,37 +85,38 @@ def _extend_batch(rows, real, max_len, tokens, prefix, heads=4, kv_heads=2, head
 
 
 def _decode(fn, heads, kv_heads):
-    if fn is attention.decode_attention_per_sequence:
+    if fn is cpu_forward.decode_attention_per_sequence:
         return jax.jit(lambda *a: fn(*a, heads, kv_heads))
     return jax.jit(lambda *a: fn(*a, None, None, heads, kv_heads, None, False,
                                  _mode().DECODE))
 
 
 def _extend(fn, heads, kv_heads, causal=True):
-    if fn is attention.prefill_attention_per_sequence:
+    if fn is cpu_forward.prefill_attention_per_sequence:
         return jax.jit(lambda *a: fn(*a, heads, kv_heads, None, causal))
     return jax.jit(lambda *a: fn(*a, heads, kv_heads, None, causal, _mode().EXTEND))
 
 
-def test_attention_fixes_active_and_recorded():
-    assert all(attention.active().values()) and len(attention.active()) == len(attention.FIXES)
-    for name, _, _ in attention.FIXES:
+def test_cpu_forward_fixes_active_and_recorded():
+    active = cpu_forward.active()
+    assert all(active.values()) and len(active) == len(cpu_forward.FIXES)
+    for name, _, _ in cpu_forward.FIXES:
         assert name in compat.ACTIVE_FIXES
-    attention.apply()  # idempotent: the fixes wrap the backend once
-    from sgl_jax.srt.layers.attention.native_backend import NativeAttention
+    cpu_forward.apply()  # idempotent: the fixes wrap the backend once
+    from sgl_jax.srt.layers.cpu_forward.native_backend import NativeAttention
 
     assert NativeAttention.__call__.__wrapped__.__wrapped__ is ORIGINALS[
         "NativeAttention.__call__"]
 
 
 def test_attention_widths_and_branch():
-    assert attention.attention_widths(599) == [38, 75, 150, 300, 599]
-    assert attention.attention_widths(40) == [20, 40]
-    assert attention.attention_widths(10) == [10]
-    widths = attention.attention_widths(215)
+    assert cpu_forward.attention_widths(599) == [38, 75, 150, 300, 599]
+    assert cpu_forward.attention_widths(40) == [20, 40]
+    assert cpu_forward.attention_widths(10) == [10]
+    widths = cpu_forward.attention_widths(215)
     for lens, want in [([1, 27, 0], 27), ([28, 3], 54), ([108], 108), ([109, 1], 215),
                        ([215], 215)]:
-        got = widths[int(attention.branch_for(widths, jnp.asarray(lens)))]
+        got = widths[int(cpu_forward.branch_for(widths, jnp.asarray(lens)))]
         assert got == want, (lens, got)
 
 
@@ -120,7 +125,7 @@ def test_native_decode_attention_per_sequence(longest):
     """Decode: the original's outputs (GQA, padded rows, sequences of different lengths in
     every width branch), for a fraction of its work (the original scores every query
     against every key of the batch)."""
-    orig, fixed = _original(), attention.decode_attention_per_sequence
+    orig, fixed = _original(), cpu_forward.decode_attention_per_sequence
     for seed in range(3):
         args, h, kv = _decode_batch(8, 6, 64, longest, seed=seed)
         want, got = _decode(orig, h, kv)(*args), _decode(fixed, h, kv)(*args)
@@ -146,7 +151,7 @@ def test_native_decode_attention_per_sequence(longest):
 def test_native_prefill_attention_per_sequence(prefix, causal):
     """Prefill (EXTEND, with and without cached prefixes): the original's outputs for every
     real token; padding tokens get zeros (nothing reads them)."""
-    orig, fixed = _original(), attention.prefill_attention_per_sequence
+    orig, fixed = _original(), cpu_forward.prefill_attention_per_sequence
     for seed, (rows, real) in enumerate([(8, 8), (8, 5), (4, 1)]):
         args, h, kv, n = _extend_batch(rows, real, 24, 112, prefix, seed=seed)
         want = np.asarray(_extend(orig, h, kv, causal)(*args))
@@ -159,7 +164,7 @@ def test_native_prefill_attention_memory_grows_with_tokens_not_batch_squared():
     """What ran the 128 x 512 rollout out of memory: the original's temporary buffers hold
     [heads, tokens, rows x max_len] scores (batch x total length); the fix's hold a few
     [heads, width, width] blocks."""
-    orig, fixed = _original(), attention.prefill_attention_per_sequence
+    orig, fixed = _original(), cpu_forward.prefill_attention_per_sequence
 
     def temp_bytes(fn, rows):
         args, h, kv, _ = _extend_batch(rows, rows, 215, rows * 40, False, new_len=40)
@@ -170,3 +175,72 @@ def test_native_prefill_attention_memory_grows_with_tokens_not_batch_squared():
     assert big_orig > 12 * small_orig  # 4x the batch: ~16x the original's memory
     assert big_fixed < 5 * small_fixed  # ... at most ~4x the fix's
     assert big_fixed < big_orig / 10
+
+
+# -- output head ----------------------------------------------------------------------------
+
+
+class _TiedLM(nnx.Module):
+    """The part of a sglang-jax causal LM the head fix looks at: a tied embedding."""
+
+    def __init__(self, vocab, hidden):
+        from sgl_jax.srt.layers.embeddings import Embed
+
+        self.config = types.SimpleNamespace(tie_word_embeddings=True)
+        self.transformer = nnx.Module()
+        self.transformer.embed_tokens = Embed(vocab, hidden, param_dtype=jnp.float32,
+                                              rngs=nnx.Rngs(0))
+
+
+def _head(vocab=1000, hidden=64):
+    model = _TiedLM(vocab, hidden)
+    head = cpu_forward.logits_head(model)
+    assert head is model.transformer.embed_tokens
+    head.logits_weight = cpu_forward.logits_weight_class()(jnp.transpose(head.embedding.value))
+    return model, head
+
+
+def test_cpu_lm_head_layout_same_logits():
+    """Logits from the [hidden, vocab] copy are the original's, bit for bit; the original
+    contracts the [vocab, hidden] weight on its minor dimension (what XLA's CPU dot re-packs
+    on every call), the fix on its major one."""
+    _, head = _head()
+    proc = types.SimpleNamespace(vocab_size=1000)
+    hidden = jax.random.normal(jax.random.key(1), (16, 64))
+    orig = ORIGINALS["LogitsProcessor._get_logits"]
+    from sgl_jax.srt.layers.logits_processor import LogitsProcessor
+
+    def program(fn):  # the head's arrays as arguments (a stand-in module per trace)
+        def logits(h, e, w):
+            box = types.SimpleNamespace(embedding=types.SimpleNamespace(value=e),
+                                        logits_weight=types.SimpleNamespace(value=w),
+                                        promote_dtype=head.promote_dtype, dtype=head.dtype)
+            return fn(proc, h, box)
+
+        return jax.jit(logits).lower(hidden, head.embedding.value,
+                                     head.logits_weight.value).compile()
+
+    want = np.asarray(jax.jit(lambda h: orig(proc, h, head))(hidden))
+    got = np.asarray(jax.jit(lambda h: LogitsProcessor._get_logits(proc, h, head))(hidden))
+    assert np.array_equal(want, got)
+    assert "rhs_contracting_dims={1}" in program(orig).as_text()
+    assert "rhs_contracting_dims={0}" in program(LogitsProcessor._get_logits).as_text()
+
+
+def test_cpu_lm_head_copy_follows_new_weights():
+    """After a sync writes a new head weight leaf, the next forward's refresh derives the
+    copy from it (and the model holds only the new copy)."""
+    model, head = _head()
+    _, state = nnx.split(model)
+    runner = types.SimpleNamespace(model=model,
+                                   model_state_leaves=jax.tree_util.tree_leaves(state))
+    refresh = cpu_forward.HeadRefresh(runner, head)
+    before = list(runner.model_state_leaves)
+    refresh(runner)
+    assert runner.model_state_leaves == before  # same weights: nothing to do
+    new = jax.random.normal(jax.random.key(2), head.embedding.value.shape)
+    runner.model_state_leaves[refresh.src] = new
+    refresh(runner)
+    derived = runner.model_state_leaves[refresh.dst]
+    assert np.array_equal(np.asarray(derived), np.asarray(new).T)
+    assert head.logits_weight.value is derived
