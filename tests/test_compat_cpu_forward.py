@@ -103,7 +103,7 @@ def test_cpu_forward_fixes_active_and_recorded():
     for name, _, _ in cpu_forward.FIXES:
         assert name in compat.ACTIVE_FIXES
     cpu_forward.apply()  # idempotent: the fixes wrap the backend once
-    from sgl_jax.srt.layers.cpu_forward.native_backend import NativeAttention
+    from sgl_jax.srt.layers.attention.native_backend import NativeAttention
 
     assert NativeAttention.__call__.__wrapped__.__wrapped__ is ORIGINALS[
         "NativeAttention.__call__"]
