@@ -105,12 +105,17 @@ def instrument(timers: Timers) -> None:
     timed(Scheduler, "run_batch", lambda *a, **k: "run_batch")
 
 
-def jitted(fn_wrapper):
-    """The jax.jit function a ModelRunner wrapper closes over."""
+def jitted(fn_wrapper, depth: int = 3):
+    """The jax.jit function a ModelRunner wrapper closes over (through other wrappers)."""
     for cell in fn_wrapper.__closure__ or ():
         obj = cell.cell_contents
         if hasattr(obj, "lower"):
             return obj
+    for cell in fn_wrapper.__closure__ or () if depth else ():
+        if callable(cell.cell_contents) and getattr(cell.cell_contents, "__closure__", None):
+            found = jitted(cell.cell_contents, depth - 1)
+            if found is not None:
+                return found
     return None
 
 
