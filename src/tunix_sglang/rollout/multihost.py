@@ -124,7 +124,7 @@ def engine_for(cfg: Any, model_dir: Any) -> Any:
     """The `ClusterConfig.rollout_engine` value for `--rollout-engine sglang_jax` when
     `jax.process_count() > 1`."""
     return functools.partial(MultihostSglangRollout, model_dir=model_dir, train_config=cfg,
-                             mode=multihost_mode(cfg))
+                             mode=multihost_mode(cfg), keep_model_copy=False)
 
 
 # ---------------------------------------------------------------------------------------
