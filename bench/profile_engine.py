@@ -1,10 +1,12 @@
 """Where an in-process engine rollout spends its time and memory (a profile, not a test).
 
 For each model and BxN shape: one warm rollout of B prompts x N new tokens (EOS ignored,
-temperature 1) through `InProcessEngine`, with the scheduler's steps timed by phase:
+temperature 1 or `--temperature`) through `InProcessEngine`, the scheduler's steps timed by
+phase:
 
   prefill forward / decode forward   the jitted model (attention, MLP, logits), blocked on
-  sampler                            the jitted sampler (incl. its host-callback sort)
+  sampler                            the jitted sampler (incl. its host-callback sort, also
+                                     timed alone: calls = steps that sampled non-greedily)
   batch prep                         ScheduleBatch.get_model_worker_batch (padding, cache_loc)
   result processing                  Scheduler.process_batch_result (+ the logprob capture)
   other                              the rest of the loop (receive, scheduling, Python)
@@ -58,16 +60,18 @@ def model_dir(name: str) -> Path:
 
 
 class Timers:
-    """Seconds and calls per phase, filled by wrappers around sglang-jax methods."""
+    """Seconds and calls per phase, filled by wrappers around sglang-jax methods; real vs
+    padded tokens (prefill) and rows (decode) of the batches the model ran."""
 
     def __init__(self):
         self.sec = collections.defaultdict(float)
         self.calls = collections.Counter()
-        self.args: dict[str, tuple] = {}
+        self.padding = collections.Counter()
 
     def reset(self):
         self.sec.clear()
         self.calls.clear()
+        self.padding.clear()
 
 
 def instrument(timers: Timers) -> None:
@@ -101,6 +105,34 @@ def instrument(timers: Timers) -> None:
     timed(ModelWorker, "forward_batch_generation", lambda *a, **k: "worker", block=True)
     timed(ModelRunner, "sample", lambda *a, **k: "sampler", block=True)
     timed(ScheduleBatch, "get_model_worker_batch", lambda *a, **k: "batch prep")
+    prep = ScheduleBatch.get_model_worker_batch
+
+    @functools.wraps(prep)
+    def count_padding(self, *a, **k):
+        b = prep(self, *a, **k)
+        kind = "prefill_tokens" if b.forward_mode.is_extend() else "decode_rows"
+        real = b.real_input_ids_len if b.forward_mode.is_extend() else b.real_bs
+        timers.padding[f"{kind}_real"] += int(real)
+        timers.padding[f"{kind}_padded"] += int(len(b.input_ids))
+        return b
+
+    ScheduleBatch.get_model_worker_batch = count_padding
+
+    # The non-TPU sampler's host callback (numpy argsort of every row's probabilities): it is
+    # looked up when the sampler is traced, so this wrapper must be in place before.
+    from sgl_jax.srt.layers import sampler as sampler_mod
+
+    host_sort = sampler_mod._get_sorted_indices_np
+
+    @functools.wraps(host_sort)
+    def timed_sort(probs):
+        t0 = time.perf_counter()
+        out = host_sort(probs)
+        timers.sec["of which host sort callback"] += time.perf_counter() - t0
+        timers.calls["of which host sort callback"] += 1
+        return out
+
+    sampler_mod._get_sorted_indices_np = timed_sort
     timed(Scheduler, "process_batch_result", lambda *a, **k: "result processing")
     timed(Scheduler, "run_batch", lambda *a, **k: "run_batch")
 
@@ -166,7 +198,8 @@ def program_counts(fn, args) -> dict:
     }
 
 
-def profile_shape(md, model, tok, batch: int, new: int, timers: Timers) -> dict:
+def profile_shape(md, model, tok, batch: int, new: int, timers: Timers,
+                  temperature: float) -> dict:
     from tunix_sglang.engine import EngineSettings, InProcessEngine
 
     ids = prompts(tok, batch)
@@ -180,7 +213,7 @@ def profile_shape(md, model, tok, batch: int, new: int, timers: Timers) -> dict:
         capture_forward_args(eng._runner, store, timers)
         timers.reset()
         t0 = time.perf_counter()
-        out = eng.generate(ids, max_new_tokens=new, temperature=1.0, ignore_eos=True)
+        out = eng.generate(ids, max_new_tokens=new, temperature=temperature, ignore_eos=True)
         wall = time.perf_counter() - t0
         phases = dict(timers.sec)
         calls = dict(timers.calls)
@@ -202,8 +235,10 @@ def profile_shape(md, model, tok, batch: int, new: int, timers: Timers) -> dict:
                 programs[f"{mode} forward"] = program_counts(inner_fn, args)
             if sampler_args is not None:
                 programs["sampler"] = program_counts(sampler_fn, sampler_args)
-        return {"batch": batch, "new_tokens": new, "tokens": n, "wall_sec": wall,
+        return {"batch": batch, "new_tokens": new, "temperature": temperature, "tokens": n,
+                "wall_sec": wall,
                 "tok_s": n / wall, "phases_sec": phases, "calls": calls,
+                "padding": dict(timers.padding),
                 "programs": programs,
                 "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     finally:
@@ -215,6 +250,7 @@ def parse_args():
     ap.add_argument("--models", default="random,qwen3-0.6b")
     ap.add_argument("--shapes", default="32x128,128x128")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     return ap.parse_args()
 
 
@@ -232,11 +268,30 @@ def main() -> None:
         model = models.load_model(md, mesh)
         tok = models.load_tokenizer(md)
         for batch, new in parse_shapes(args.shapes):
-            r = {"model": name, **profile_shape(md, model, tok, batch, new, timers)}
+            r = {"model": name, **profile_shape(md, model, tok, batch, new, timers,
+                                                 args.temperature)}
             results.append(r)
             print(json.dumps(r), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"profiles": results}, indent=2))
+    print("\n| model | BxN | tok/s | prefill s | decode forward ms/step | sampler ms/step | "
+          "host ms/step | prefill tokens real/padded |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(markdown_row(r))
+
+
+def markdown_row(r: dict) -> str:
+    ph, steps = r["phases_sec"], max(1, r["calls"].get("sampler", 1))
+    host = sum(v for k, v in ph.items() if k not in (
+        "prefill forward", "decode forward", "sampler", "prefill jit", "decode jit",
+        "kv write-back"))
+    pad = r.get("padding", {})
+    return (f"| {r['model']} | {r['batch']}x{r['new_tokens']} | {r['tok_s']:.0f} | "
+            f"{ph.get('prefill forward', 0):.2f} | "
+            f"{1e3 * ph.get('decode forward', 0) / max(1, steps - 1):.1f} | "
+            f"{1e3 * ph.get('sampler', 0) / steps:.1f} | {1e3 * host / steps:.1f} | "
+            f"{pad.get('prefill_tokens_real', 0)}/{pad.get('prefill_tokens_padded', 0)} |")
 
 
 if __name__ == "__main__":
