@@ -49,19 +49,18 @@ def _original():
     return original
 
 
-def _slots(rng, rows, max_len, lens, pool_factor=1):
-    pool = pool_factor * rows * max_len + 1
+def _slots(rng, rows, max_len, lens):
+    pool = rows * max_len + 1
     loc = np.zeros(rows * max_len, np.int32)
     loc[: lens.sum()] = rng.permutation(np.arange(1, pool))[: lens.sum()]
     return pool, loc
 
 
-def _decode_batch(rows, real, max_len, longest, heads=4, kv_heads=2, head_dim=16, seed=0,
-                  pool_factor=1):
+def _decode_batch(rows, real, max_len, longest, heads=4, kv_heads=2, head_dim=16, seed=0):
     rng = np.random.default_rng(seed)
     lens = np.zeros(rows, np.int32)
     lens[:real] = rng.integers(1, longest + 1, real)
-    pool, loc = _slots(rng, rows, max_len, lens, pool_factor)
+    pool, loc = _slots(rng, rows, max_len, lens)
     q = rng.standard_normal((rows, heads * head_dim)).astype(np.float32)
     fused = rng.standard_normal((pool, 2 * kv_heads, head_dim)).astype(np.float32)
     return [jnp.asarray(x) for x in (q, fused, lens, loc)], heads, kv_heads
@@ -131,19 +130,11 @@ def test_native_decode_attention_per_sequence(longest):
         want, got = _decode(orig, h, kv)(*args), _decode(fixed, h, kv)(*args)
         np.testing.assert_allclose(np.asarray(got)[:6], np.asarray(want)[:6], atol=1e-5)
 
-    def compiled(fn):
+    def flops(fn):
         args, h, kv = _decode_batch(32, 32, 64, 64)
-        return _decode(fn, h, kv).lower(*args).compile(), args[1].shape
+        return _decode(fn, h, kv).lower(*args).compile().cost_analysis()["flops"]
 
-    assert compiled(fixed)[0].cost_analysis()["flops"] < \
-        compiled(orig)[0].cost_analysis()["flops"] / 8
-    # The layer's KV buffer is only read through the gather, never copied whole (handing
-    # strided K/V views of it to the width branches would copy it every step).
-    program, (slots, kv2, dim) = compiled(fixed)
-    whole = (f"= f32[{slots},{kv2},{dim}]", f"= f32[{slots},{kv2 // 2},{dim}]")  # KV, K or V
-    made = [line for line in program.as_text().splitlines() if any(w in line for w in whole)
-            and not any(op in line for op in ("parameter(", "get-tuple-element("))]
-    assert not made, made
+    assert flops(fixed) < flops(orig) / 8
 
 
 @pytest.mark.parametrize("prefix", [False, True])

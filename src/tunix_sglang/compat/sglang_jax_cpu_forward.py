@@ -67,9 +67,12 @@ def branch_for(widths: list[int], seq_lengths: Any) -> Any:
 def gather_kv(kv_fused: Any, loc: Any, starts: Any, lengths: Any, width: int):
     """Keys, values [n, width, kv_heads, head_dim] of n sequences, and which are real [n, width].
 
-    `kv_fused` is the layer's KV buffer as sglang-jax keeps it: [slots, 2 x kv_heads, head_dim]
-    (K and V of a head side by side); sequence i's slots are loc[starts[i]:][:lengths[i]]
-    (slot 0 = padding). One gather of whole rows: the buffer itself is never copied.
+    `kv_fused` is the layer's KV buffer as sglang-jax keeps it: [slots, 2 x kv_heads,
+    head_dim], K heads at even and V heads at odd positions; sequence i's slots are
+    loc[starts[i]:][:lengths[i]] (slot 0 = padding). K and V are sliced out of the buffer here,
+    inside the width branch that runs: sliced before the branches (as the backend hands them
+    to `forward_attention`) XLA materialised them by a slower path (measured 2-4x the decode
+    attention time at batch 128).
     """
     import jax.numpy as jnp
 
@@ -77,9 +80,9 @@ def gather_kv(kv_fused: Any, loc: Any, starts: Any, lengths: Any, width: int):
     slot = loc[jnp.clip(starts[:, None] + offs, 0, loc.shape[0] - 1)]
     ok = (offs < lengths[:, None]) & (slot > 0)
     safe = jnp.where(ok, slot, kv_fused.shape[0])  # out of range: filled with zeros
-    rows = jnp.take(kv_fused, safe, axis=0, mode="fill", fill_value=0)
-    kv = rows.reshape(*rows.shape[:-2], rows.shape[-2] // 2, 2, rows.shape[-1])
-    return kv[..., 0, :], kv[..., 1, :], ok
+    k = jnp.take(kv_fused[:, 0::2], safe, axis=0, mode="fill", fill_value=0)
+    v = jnp.take(kv_fused[:, 1::2], safe, axis=0, mode="fill", fill_value=0)
+    return k, v, ok
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,8 +287,8 @@ def fix_native_decode_attention() -> bool:
     0.0.2's native backend computes a [heads, rows, rows x max_req_len] score matrix for a
     decode step and masks all but each sequence's own keys: cost and memory grow with the
     square of the batch (25x the FLOPs of the per-sequence gather at batch 32).
-    `decode_attention_per_sequence` gives the same outputs, reading the fused KV buffer
-    directly (handing its strided K/V views on would copy the whole buffer every step).
+    `decode_attention_per_sequence` gives the same outputs (K and V taken out of the
+    layer's fused KV buffer in the branch that runs: see `gather_kv`).
     """
     nb = _native_backend()
     if (getattr(nb.NativeAttention.__call__, "_tunix_sglang_decode_fix", False)
