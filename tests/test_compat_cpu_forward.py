@@ -109,7 +109,7 @@ def test_cpu_forward_fixes_active_and_recorded():
 
 
 def test_attention_widths_and_branch():
-    assert cpu_forward.attention_widths(599) == [38, 75, 150, 300, 599]
+    assert cpu_forward.attention_widths(599) == [75, 150, 300, 599]
     assert cpu_forward.attention_widths(40) == [20, 40]
     assert cpu_forward.attention_widths(10) == [10]
     widths = cpu_forward.attention_widths(215)

@@ -35,7 +35,7 @@ from tunix_sglang.compat.sglang_jax_fixes import _LOCK, ORIGINALS, _src, path_na
 _APPLIED: dict[str, bool] = {}
 
 # Static per-sequence widths tried, from max_req_len down by halves (one branch each).
-ATTENTION_WIDTHS = 5
+ATTENTION_WIDTHS = 4
 MIN_ATTENTION_WIDTH = 16
 # Prefill: the largest score block one step of the per-sequence loop may hold (bytes).
 PREFILL_BLOCK_BYTES = 64 * 2**20
