@@ -4,8 +4,8 @@ weight-sync time into the host-local engines.
 
     .venv/bin/python bench/bench_multihost.py [--steps 6]   -> bench/results/multihost.json
 
-Uses the same driver as tests/test_multihost_sglang.py (the multihost rollout swapped into
-`rollout.engine_for` inside each process). Figures are medians over steps 3..N (steps 1-2
+Uses the same driver as tests/test_multihost_sglang.py (`runner.train` in each process, with
+the run's --multihost-mode). Figures are medians over steps 3..N (steps 1-2
 compile). CPU numbers say nothing about TPU.
 """
 

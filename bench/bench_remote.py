@@ -30,7 +30,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tunix_sglang.models import inspect_model_dir, load_model, load_tokenizer  # noqa: E402
-from tunix_sglang.rollout.remote import RemoteRollout, ServerClient, launch_servers  # noqa: E402
+from tunix_sglang.rollout.base import Sampling  # noqa: E402
+from tunix_sglang.rollout.client import ServerClient  # noqa: E402
+from tunix_sglang.rollout.launcher import launch_servers  # noqa: E402
+from tunix_sglang.rollout.remote import RemoteRollout  # noqa: E402
 from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model  # noqa: E402
 from tunix_sglang.weights_wire import flat_numpy_params, pack  # noqa: E402
 
@@ -119,8 +122,7 @@ def bench_rollout() -> dict:
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(10, 1000, PROMPT_LEN))) for _ in range(PROMPTS)]
     ids = [p for p in prompts for _ in range(G)]
-    params = {"max_new_tokens": NEW, "temperature": 1.0, "top_p": 1.0, "top_k": None,
-              "stop_token_ids": None, "ignore_eos": True}
+    sampling = Sampling(max_new_tokens=NEW, temperature=1.0, ignore_eos=True)
     n_tok = len(ids) * NEW
     out: dict = {"samples_per_rollout": len(ids), "new_tokens": NEW}
 
@@ -146,7 +148,7 @@ def bench_rollout() -> dict:
             times, overhead, http = [], [], []
             for i in range(REPS + 1):
                 t0 = time.perf_counter()
-                r.generate_ids(ids, params, seed=i)
+                r.generate_ids(ids, sampling, seed=i)
                 dt = time.perf_counter() - t0
                 st = r.last_rollout_stats
                 times.append(dt)

@@ -153,17 +153,17 @@ def sync_vs_put(eng, model, reps: int = 5) -> tuple[list[float], list[float]]:
     """
     from flax import nnx
 
-    from tunix_sglang.engine import _transform
+    from tunix_sglang.engine.weight_map import transform
 
     state = nnx.state(model, nnx.Param)
     syncs, puts = [], []
     for _ in range(reps):
         syncs.append(eng.sync_from_tunix(state).seconds)
         plan, flat, _ = eng.plan_sync(state)
-        arrays = [_transform(flat[t], op, p.shape, p.dtype) for p, t, op in plan]
+        arrays = [transform(flat[m.tunix_name], m, p.dtype) for p, m in plan]
         jax.block_until_ready(arrays)
         t0 = time.perf_counter()
-        jax.block_until_ready(jax.device_put(arrays, [p.sharding for p, _, _ in plan]))
+        jax.block_until_ready(jax.device_put(arrays, [p.sharding for p, _ in plan]))
         puts.append(time.perf_counter() - t0)
     return syncs, puts
 

@@ -1,11 +1,16 @@
 """Check the memory plan against Tunix and sglang-jax for a Qwen3-0.6B-shaped model.
 
-Too slow for CI tests, so it lives here. Nothing is downloaded: the config numbers of
-Qwen/Qwen3-0.6B are written to a temporary config.json.
+Too slow for CI tests, so it lives here. Nothing is downloaded: the published config.json of
+Qwen/Qwen3-0.6B that tunix-sglang ships (src/tunix_sglang/published/) is copied to a temporary
+directory.
 - parameter and AdamW bytes: the abstract Tunix model (nnx.eval_shape, nothing allocated);
 - KV cache: sglang-jax 0.0.2's own `ModelRunner.profile_max_num_token` formula (`cell_size`)
   read from its `ModelConfig`, and a real `MHATokenToKVPool` allocated on CPU for the tokens
-  one step needs.
+  one step needs;
+- training activations (an estimate in the plan): XLA's own buffer assignment for the
+  gradient of Tunix's `compute_per_token_logps` at Qwen3-4B-Instruct-2507's widths (shipped
+  config.json) with 1, 2 and 4 layers, float32, 2 sequences of 256 + 512 tokens (a trainer
+  chip's share in the v4-8 recipe), compiled for CPU: temporaries per layer and for the rest.
 Writes bench/results/memory_plan.json.
 
     JAX_PLATFORMS=cpu .venv/bin/python bench/memory_plan_check.py
@@ -29,15 +34,11 @@ from flax import nnx  # noqa: E402
 
 from tunix_sglang import memory_plan as mp  # noqa: E402
 from tunix_sglang import models  # noqa: E402
+from tunix_sglang.hub import published_config  # noqa: E402
 
-QWEN3_0_6B = {  # config.json numbers of Qwen/Qwen3-0.6B
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
-    "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False,
-    "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645,
-}
+# The published config.json of Qwen/Qwen3-0.6B, as shipped for the recipes' plans.
+QWEN3_0_6B = json.loads(published_config("Qwen/Qwen3-0.6B").read_text())
+QWEN3_4B = json.loads(published_config("Qwen/Qwen3-4B-Instruct-2507").read_text())
 OUT = Path(__file__).resolve().parent / "results" / "memory_plan.json"
 
 
@@ -91,6 +92,42 @@ def sglang_kv(model_dir: str, tokens: int, dtype: str) -> dict[str, int]:
             "pool_alloc_sec": round(alloc_sec, 2)}
 
 
+def activation_check(sequences: int = 2, prompt: int = 256, completion: int = 512,
+                     layers: tuple[int, ...] = (1, 2, 4)) -> dict:
+    """XLA's temporaries for the policy-gradient pass vs the plan's activation estimate."""
+    import jax.numpy as jnp
+    from tunix.models.qwen3.model import Qwen3
+    from tunix.rl.common import compute_per_token_logps
+
+    xla, plan = {}, {}
+    for n in layers:
+        hf = dict(QWEN3_4B, num_hidden_layers=n)
+        cfg = models.tunix_model_config(models.ModelDir(Path("."), hf), "float32")
+        graphdef, state = nnx.split(nnx.eval_shape(lambda c=cfg: Qwen3(c, rngs=nnx.Rngs(0))))
+
+        def loss(state, prompt_ids, completion_ids, g=graphdef):
+            return compute_per_token_logps(g, state, prompt_ids, completion_ids, pad_id=0,
+                                           eos_id=1, stop_gradient=False).mean()
+
+        ids = [jax.ShapeDtypeStruct((sequences, k), jnp.int32) for k in (prompt, completion)]
+        compiled = jax.jit(jax.grad(loss)).lower(state, *ids).compile()
+        xla[n] = compiled.memory_analysis().temp_size_in_bytes
+        inputs = mp.PlanInputs(batch_size=1, num_generations=sequences,
+                               max_prompt_length=prompt, max_new_tokens=completion)
+        plan[n] = mp.plan_memory(mp.ModelShape.from_hf_config(hf), inputs, 2**50).parts[
+            "activations + logits (training)"]
+    lo, hi = min(layers), max(layers)
+
+    def split(b: dict) -> dict:
+        per_layer = (b[hi] - b[lo]) / (hi - lo)
+        return {"per_layer_gib": round(per_layer / 2**30, 3),
+                "rest_gib": round((b[lo] - lo * per_layer) / 2**30, 3)}
+
+    return {"sequences": sequences, "tokens": prompt + completion, "dtype": "float32",
+            "xla_cpu_temp_bytes": xla, "plan_bytes": plan, "xla_cpu": split(xla),
+            "plan": split(plan)}
+
+
 def main() -> int:
     results: dict = {"model": "Qwen3-0.6B-shaped (random weights, config numbers only)"}
     ok = True
@@ -131,6 +168,9 @@ def main() -> int:
             results[dtype] = row
             print(json.dumps({dtype: {k: v for k, v in row.items()
                                       if k != "plan_16GiB_default_settings"}}), flush=True)
+    results["activations_qwen3_4b"] = act = activation_check()
+    print(json.dumps({"activations_qwen3_4b": {k: act[k] for k in ("xla_cpu", "plan")}}),
+          flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {OUT}; all exact: {ok}")

@@ -19,7 +19,7 @@ one markdown table row per shape.
         --shapes 32x128,128x128 [--json PATH]
 
 Models: `random` (the random tiny model), `warm` (the embedded default), `qwen3-0.6b`
-(Qwen3-0.6B's published width, heads and vocabulary, 2 layers, random weights).
+(Qwen3-0.6B's published config.json with 2 layers, random weights).
 """
 
 from __future__ import annotations
@@ -40,14 +40,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 from bench_rollout import PROMPT_LEN, parse_shapes, prompts  # noqa: E402
 
-QWEN3_06B_2L = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                    num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=8,
-                    head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000.0,
-                    tie_word_embeddings=True)
+
+def qwen3_06b_two_layers():
+    """Qwen3-0.6B's published config.json (`published/`: width, heads, vocabulary, rope) with
+    2 of its 28 layers; random weights."""
+    import dataclasses
+
+    from tunix_sglang.hub import published_config
+    from tunix_sglang.tiny_model import TinyModelSpec
+
+    c = json.loads(published_config("Qwen/Qwen3-0.6B").read_text())
+    return TinyModelSpec(num_hidden_layers=2, **{
+        f.name: type(f.default)(c[f.name]) for f in dataclasses.fields(TinyModelSpec)
+        if f.name not in ("num_hidden_layers", "seed")})
 
 
 def model_dir(name: str) -> Path:
-    from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model
+    from tunix_sglang.tiny_model import ensure_tiny_model
     from tunix_sglang.warmstart import ensure_warm_model
 
     if name == "random":
@@ -55,7 +64,7 @@ def model_dir(name: str) -> Path:
     if name == "warm":
         return ensure_warm_model(log=print)
     if name == "qwen3-0.6b":
-        return ensure_tiny_model(TinyModelSpec(**QWEN3_06B_2L))
+        return ensure_tiny_model(qwen3_06b_two_layers())
     raise SystemExit(f"unknown model {name!r}: random, warm or qwen3-0.6b")
 
 

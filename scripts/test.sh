@@ -12,4 +12,4 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 export JAX_PLATFORMS=cpu
 "$ROOT/.venv/bin/ruff" check src tests bench
-exec "$ROOT/.venv/bin/python" -m pytest -q "$@"
+exec "$ROOT/.venv/bin/python" -m pytest -q --durations=30 "$@"

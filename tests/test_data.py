@@ -10,8 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import GSM8K_DIR, GSM8K_TRAIN
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from tunix_sglang.data import (
     SYSTEM_PROMPT,
@@ -26,11 +27,6 @@ from tunix_sglang.data import (
 )
 from tunix_sglang.errors import UserError
 from tunix_sglang.rewards import check_answer, extract_answer, match_format_exactly
-
-GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/train.jsonl"
-needs_gsm8k = pytest.mark.skipif(
-    not GSM8K_TRAIN.is_file(), reason=f"GSM8K train split not at {GSM8K_TRAIN}"
-)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -84,7 +80,6 @@ def chatml_tokenizer() -> PreTrainedTokenizerFast:
 # ------------------------------------------------------------------------ loading
 
 
-@needs_gsm8k
 def test_load_real_jsonl() -> None:
     problems = load_gsm8k(str(GSM8K_TRAIN))
     assert len(problems) == sum(1 for line in GSM8K_TRAIN.open() if line.strip())
@@ -95,13 +90,11 @@ def test_load_real_jsonl() -> None:
     assert len(load_gsm8k(str(GSM8K_TRAIN), limit=5)) == 5
 
 
-@needs_gsm8k
 def test_load_directory_with_split_jsonl() -> None:
     problems = load_gsm8k(str(GSM8K_TRAIN.parent), split="train", limit=3)
     assert [p.question for p in problems] == [r["question"] for r in _real_rows(3)]
 
 
-@needs_gsm8k
 def test_load_parquet(tmp_path: Path) -> None:
     rows = _real_rows(7)
     path = _write_parquet(tmp_path / "gsm8k.parquet", rows)
@@ -112,7 +105,6 @@ def test_load_parquet(tmp_path: Path) -> None:
     assert len(load_gsm8k(str(path), limit=2)) == 2
 
 
-@needs_gsm8k
 def test_load_hf_layout_directory(tmp_path: Path) -> None:
     rows = _real_rows(6)
     _write_parquet(tmp_path / "main" / "train-00000-of-00002.parquet", rows[:4])
@@ -124,7 +116,6 @@ def test_load_hf_layout_directory(tmp_path: Path) -> None:
     assert len(load_gsm8k(str(tmp_path / "main"), split="test")) == 1
 
 
-@needs_gsm8k
 def test_load_json_list_and_extra_columns(tmp_path: Path) -> None:
     rows = [{**r, "id": i} for i, r in enumerate(_real_rows(3))]
     path = tmp_path / "data.json"
@@ -334,3 +325,59 @@ def test_to_dataset_rows(chatml_tokenizer: PreTrainedTokenizerFast) -> None:
         assert row["answer"] == p.gold == str(_recompute(p.question))
         assert row["prompts"] == render_prompt(p.question, chatml_tokenizer)
         assert row["prompts"].endswith("<|im_start|>assistant\n")
+
+
+def test_fit_prompts_counts_what_it_skips(tmp_path):
+    from tunix_sglang.data import fit_prompts
+    from tunix_sglang.tiny_model import ensure_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_model(cache_dir=tmp_path))
+    rows = [{"prompts": "7 + 5 = ?"}, {"prompts": "Tom has 3 apples. " * 40},
+            {"prompts": "2 * 3"}]
+    lines: list[str] = []
+    kept = fit_prompts(rows, tok, 32, "training", lines.append)
+    assert kept == [rows[0], rows[2]]
+    longest = len(tok.encode(rows[1]["prompts"]))
+    assert lines == [f"skipped 1 of 3 training prompts longer than --max-prompt-length 32 "
+                     f"tokens (longest: {longest}); raise --max-prompt-length to keep them"]
+    assert fit_prompts(rows[:1], tok, 32, "training", lines.append) == rows[:1]
+    assert len(lines) == 1  # nothing skipped, nothing said
+    with pytest.raises(UserError, match="every held-out prompt is longer than "
+                       "--max-prompt-length 2 tokens .*raise --max-prompt-length"):
+        fit_prompts(rows, tok, 2, "held-out", lines.append)
+
+
+# ------------------------------------------------------------------ the run's splits
+
+
+def test_heldout_split_is_disjoint_from_training_problems():
+    from tunix_sglang.data import heldout_problems, train_problems
+
+    train = train_problems("synthetic", None, seed=0)
+    held = heldout_problems("synthetic", None, seed=0, limit=50)
+    assert len(train) == 2000 and len(held) == 50
+    assert not {p.question for p in held} & {p.question for p in train}
+    # GSM8K in its Hugging Face layout: the train and test files of the directory.
+    gsm_train = train_problems("gsm8k", str(GSM8K_DIR), seed=0)
+    gsm_test = heldout_problems("gsm8k", str(GSM8K_DIR), seed=0)
+    assert (len(gsm_train), len(gsm_test)) == (64, 64)
+    assert not {p.question for p in gsm_test} & {p.question for p in gsm_train}
+    assert heldout_problems("gsm8k", str(GSM8K_DIR), seed=0, limit=3) == gsm_test[:3]
+    with pytest.raises(UserError, match="--limit"):
+        heldout_problems("synthetic", None, seed=0, limit=0)
+
+
+def test_batches_depend_only_on_seed_and_step():
+    from tunix_sglang.data import Batches
+
+    rows = [{"prompts": f"p{i}", "answer": str(i)} for i in range(10)]
+    b = Batches(rows, batch_size=4, seed=3)
+    first = [b.batch(s) for s in (1, 2, 3, 4, 5)]
+    # A resumed run (a new Batches) sees the same batch at the same step.
+    assert [Batches(rows, 4, 3).batch(s)["answer"].tolist() for s in (4, 2)] == [
+        first[3]["answer"].tolist(), first[1]["answer"].tolist()]
+    assert first[0]["prompts"].dtype.kind == "U"  # numpy strings: Tunix splits lists per char
+    # Each epoch (10 rows) shows every row once; another seed another order.
+    epoch = [a for x in first for a in x["answer"].tolist()][:10]
+    assert sorted(epoch, key=int) == [str(i) for i in range(10)]
+    assert Batches(rows, 4, 4).batch(1)["answer"].tolist() != first[0]["answer"].tolist()

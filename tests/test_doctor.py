@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tunix_sglang import doctor
+from tunix_sglang import doctor, tpu_lock
+from tunix_sglang import plan as plan_lib
 from tunix_sglang.config import TrainConfig
 from tunix_sglang.errors import UserError
 
@@ -44,6 +45,16 @@ def test_this_cpu_machine_is_ok(facts, no_lockfile, cache_home, monkeypatch):
     assert checks["compat fixes"].status == "OK"
     assert checks["memory plan"].status == "OK"
     assert not [c for c in checks.values() if c.blocking]
+    # Every fix of the compat registry is listed one a line, under the check's row.
+    from tunix_sglang import compat
+
+    active = compat.apply_all()
+    table = doctor.format_table(list(checks.values())).splitlines()
+    row = next(i for i, line in enumerate(table) if "compat fixes" in line)
+    assert table[row].endswith(f"{len(active)} of {len(compat.FIXES)} active:")
+    listed = table[row + 1: row + 1 + len(compat.FIXES)]
+    assert [line.split(":")[0].strip() for line in listed] == [f.name for f in compat.FIXES]
+    assert max(len(line) for line in table) < 200
 
 
 @pytest.mark.parametrize(
@@ -89,24 +100,46 @@ def test_lockfile_held_then_stale(tmp_path):
                              text=True)
     try:
         assert child.stdout.readline().strip() == "locked"
-        held = doctor.check_tpu_lock(lock, env={})
+        held = tpu_lock.check_tpu_lock(lock, env={})
         assert held.status == "FAIL" and held.blocking
         assert f"PID {child.pid}" in held.detail and "libtpu_lockfile" in held.detail
         assert "import fcntl" in held.detail  # the holder's command line
-        refused = doctor.check_tpu_lock(lock, fix=True, env={})
+        refused = tpu_lock.check_tpu_lock(lock, fix=True, env={})
         assert refused.status == "FAIL" and "refused" in refused.detail
         assert os.path.exists(lock)
         # JAX_PLATFORMS=cpu: the TPU is held, but this run does not need it.
-        assert not doctor.check_tpu_lock(lock, env={"JAX_PLATFORMS": "cpu"}).blocking
+        assert not tpu_lock.check_tpu_lock(lock, env={"JAX_PLATFORMS": "cpu"}).blocking
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
-    stale = doctor.check_tpu_lock(lock, env={})
+    stale = tpu_lock.check_tpu_lock(lock, env={})
     assert stale.status == "WARN" and "stale" in stale.detail and not stale.blocking
-    fixed = doctor.check_tpu_lock(lock, fix=True, env={})
+    fixed = tpu_lock.check_tpu_lock(lock, fix=True, env={})
     assert fixed.status == "OK" and "removed" in fixed.detail
     assert not os.path.exists(lock)
-    assert doctor.check_tpu_lock(lock, env={}).status == "OK"
+    assert tpu_lock.check_tpu_lock(lock, env={}).status == "OK"
+
+
+def test_stale_lockfile_is_removed_under_our_lock(tmp_path, monkeypatch):
+    """--fix unlinks while holding the lockf lock libtpu takes, so a libtpu starting at that
+    moment is refused rather than losing its file. (The holder check's F_GETLK probe opened
+    and closed the file, which silently dropped that lock.)"""
+    lock = tmp_path / "libtpu_lockfile"
+    lock.write_text("")
+    try_lock = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+                "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                "    print('got it')\nexcept OSError:\n    print('held')\n")
+    seen = []
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **kw):  # what another process finds at the moment of the unlink
+        seen.append(subprocess.run([sys.executable, "-c", try_lock, path], capture_output=True,
+                                   text=True, timeout=60).stdout.strip())
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert tpu_lock.remove_stale_lockfile(str(lock)) == "removed"
+    assert seen == ["held"] and not lock.exists()
 
 
 def test_pathways_missing_module(monkeypatch):
@@ -191,8 +224,8 @@ def test_blocking_problems_for_train(facts, monkeypatch, cache_home):
 def test_memory_plan_that_cannot_fit_blocks(facts, monkeypatch, cache_home):
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
     small = dataclasses.replace(facts, memory_bytes=1 << 20)  # 1 MiB: weights cannot fit
-    check, plan = doctor.check_memory_plan(TrainConfig(), small)
-    assert check.status == "FAIL" and check.blocking and not plan.static_fits
+    check, plan = plan_lib.check_memory_plan(TrainConfig(), small)
+    assert check.status == "FAIL" and check.blocking and not plan.memory.static_fits
     assert "lower" in check.fix
 
 

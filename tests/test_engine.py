@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_device_mesh, perturbed
+from conftest import EngineAsRollout, one_device_mesh, perturbed, probe_diff
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -26,15 +26,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tunix_sglang.engine import (  # noqa: E402
-    EngineSettings,
-    IncompleteSyncError,
-    InProcessEngine,
-    tunix_greedy,
-    tunix_token_logprobs,
-)
+from tunix_sglang import probe  # noqa: E402
+from tunix_sglang.engine import EngineSettings, IncompleteSyncError, InProcessEngine  # noqa: E402
 from tunix_sglang.errors import UserError  # noqa: E402
 from tunix_sglang.models import inspect_model_dir, load_model, load_tokenizer  # noqa: E402
+from tunix_sglang.probe.scoring import tunix_greedy, tunix_token_logprobs  # noqa: E402
 from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model  # noqa: E402
 
 MAX_PROMPT, MAX_NEW, BATCH = 32, 16, 8
@@ -90,7 +86,7 @@ def test_settings_come_from_rollout_shapes():
     assert kw["max_total_tokens"] == 8 * 136
     assert kw["max_prefill_tokens"] == 800
     assert kw["precompile_bs_paddings"] == [2, 8]
-    assert kw["precompile_token_paddings"] == [200, 800]
+    assert kw["precompile_token_paddings"] == [64, 200, 800]  # 64: the sync proof's prefill
     assert kw["page_size"] == 1 and kw["attention_backend"] == "native"
     assert kw["skip_tokenizer_init"] and kw["enable_single_process"]
     assert kw["load_format"] == "dummy" and kw["device"] == "cpu"
@@ -140,14 +136,14 @@ def test_greedy_identical_to_trainer_after_sync(synced, trainer):
     samples = synced.generate(PROMPTS, max_new_tokens=8, temperature=0.0, ignore_eos=True)
     for prompt, s in zip(PROMPTS, samples, strict=True):
         assert s.tokens.tolist() == trainer_greedy(trainer, prompt, 8)
-    assert synced.probe_logprob_diff(trainer) <= 1e-4
+    assert probe.prove(EngineAsRollout(synced), trainer, synced.weight_version).check == "proven"
 
 
 def test_sync_changes_what_the_engine_computes(synced, trainer):
     other = perturbed(trainer)
     v0 = synced.weight_version
     # Before syncing `other`, the engine still computes `trainer`: far from `other`.
-    before = synced.probe_logprob_diff(other)
+    before = probe_diff(EngineAsRollout(synced), other)
     engine_greedy = [s.tokens.tolist() for s in synced.generate(
         PROMPTS, max_new_tokens=8, temperature=0.0, ignore_eos=True)]
     other_greedy = [trainer_greedy(other, p, 8) for p in PROMPTS]
@@ -157,7 +153,7 @@ def test_sync_changes_what_the_engine_computes(synced, trainer):
     report = synced.sync_from_tunix(other)
     assert synced.weight_version == v0 + 1 == report.version
     assert report.num_params == len(synced.engine_param_names())
-    after = synced.probe_logprob_diff(other)
+    after = probe.prove(EngineAsRollout(synced), other, v0 + 1).max_logprob_diff
     samples = synced.generate(PROMPTS, max_new_tokens=8, temperature=0.0, ignore_eos=True)
     assert [s.tokens.tolist() for s in samples] == other_greedy
     assert after <= 1e-4
@@ -180,7 +176,7 @@ def test_incomplete_sync_is_caught_and_changes_nothing(synced, trainer):
     with pytest.raises(IncompleteSyncError, match="shape"):
         synced.sync_from_tunix(wrong)
     assert synced.weight_version == version
-    assert synced.probe_logprob_diff(trainer) <= 1e-4
+    probe.prove(EngineAsRollout(synced), trainer, version)
 
 
 def test_sync_time_is_measured(synced):
@@ -232,7 +228,7 @@ def test_generations_differ_across_samples_and_calls(synced):
 
 def test_flush_and_idle_engine_sleeps(synced, trainer):
     synced.flush()
-    assert synced.probe_logprob_diff(trainer) <= 1e-4
+    probe.prove(EngineAsRollout(synced), trainer, synced.weight_version)
     t0, c0 = time.perf_counter(), time.process_time()
     time.sleep(1.5)
     cpu = (time.process_time() - c0) / (time.perf_counter() - t0)
@@ -297,7 +293,7 @@ def test_rollout_as_rlcluster_builds_it(tmp_path_factory):
     from tunix.rl import utils as rl_utils
     from tunix.rl.rollout import base_rollout
 
-    from tunix_sglang.rollout.sglang_inprocess import SglangJaxRollout
+    from tunix_sglang.rollout.inprocess import InProcessRollout
 
     md = inspect_model_dir(ensure_tiny_model(cache_dir=tmp_path_factory.mktemp("tied")))
     actor = load_model(md, one_device_mesh())
@@ -310,10 +306,10 @@ def test_rollout_as_rlcluster_builds_it(tmp_path_factory):
     rc = base_rollout.RolloutConfig(max_tokens_to_generate=8, max_prompt_length=24,
                                     temperature=1.0, top_p=1.0, top_k=None,
                                     eos_tokens=[tok.eos_id()], seed=3)
-    factory = functools.partial(SglangJaxRollout, model_dir=md, train_config=TrainCfg())
+    factory = functools.partial(InProcessRollout, model_dir=md, train_config=TrainCfg())
     rollout = factory(rollout_actor=actor, tokenizer=tok, mesh=one_device_mesh(), rollout_config=rc)
     try:
-        assert rollout.weight_version == 1 and rollout.last_sync.num_params > 0
+        assert rollout.weight_version == 0 and rollout.last_sync.num_params > 0
         assert rollout.model() is not actor
         assert not rl_utils.is_sharing_weights(actor, rollout.model())
         prompts = ["Tom has 3 apples", "How many books", "Tom has 3 apples", "How many books"]
@@ -329,25 +325,42 @@ def test_rollout_as_rlcluster_builds_it(tmp_path_factory):
             assert text == tok.decode(t.tolist(), skip_special_tokens=True)
             ref = tunix_token_logprobs(actor, ids, t, 1.0)
             assert np.max(np.abs(ref - lp)) <= 1e-4
+        assert rollout.last_samples.versions == [0] * 4
         # Tunix's sync path: nnx.State of Params, under its transfer guards.
-        other = perturbed(actor, 0.3)  # the tied tiny model is very peaked: perturb hard
-        assert rollout.verify_sync(other) > 1e-3
+        other = perturbed(actor, 0.3)
+        with pytest.raises(probe.NotArrivedError, match="did not arrive at the rollout engine"):
+            probe.prove(rollout, other, 0)
         params = nnx.state(other, nnx.Param)
         with jax.transfer_guard_device_to_host("disallow_explicit"), \
                 jax.transfer_guard_host_to_device("disallow_explicit"):
             rollout.update_params(params, (nnx.Param,))
-        assert rollout.weight_version == 2
-        assert rollout.verify_sync(other) <= 1e-4
-        assert rollout.verify_sync(rollout.model()) <= 1e-4  # the copy follows the engine
+        assert rollout.weight_version == 1
+        assert probe.prove(rollout, other, 1).max_logprob_diff <= 1e-4
+        probe.prove(rollout, rollout.model(), 1)  # the copy follows the engine
         # num_iterations > 1 path: logps of the current rollout policy.
         prompt_ids = jnp.asarray(out.left_padded_prompt_tokens)
         comp = np.full((4, 8), rollout.pad_id(), np.int32)
         for i, t in enumerate(out.tokens):
             comp[i, :len(t)] = t
-        logps = rollout.get_per_token_logps(prompt_ids, jnp.asarray(comp))
+        logps = np.asarray(rollout.get_per_token_logps(prompt_ids, jnp.asarray(comp)))
         assert logps.shape == (4, 8)
+        # ...under the synced weights (`other`), at the last rollout's temperature (1).
+        for p, t, row in zip(prompts, out.tokens, logps, strict=True):
+            ref = tunix_token_logprobs(other, tok.encode(p), t, 1.0)
+            assert np.max(np.abs(row[:len(t)] - ref)) <= 1e-4
     finally:
         rollout.close()
+
+
+def test_train_engine_rollouts_keep_no_model_copy():
+    """Training is on-policy (GRPO num_iterations=1: Tunix never asks a rollout to score),
+    so the engine rollouts `train` builds keep no copy of the model (one model's memory)."""
+    from tunix_sglang import rollout as rollout_pkg
+    from tunix_sglang.config import TrainConfig
+
+    for engine in ("sglang_jax", "sglang_jax_remote"):
+        made = rollout_pkg.engine_for(TrainConfig(rollout_engine=engine), "model-dir")
+        assert made.keywords["keep_model_copy"] is False, engine
 
 
 # -- --rollout-devices --------------------------------------------------------------------
@@ -358,18 +371,21 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     from pathlib import Path
     import jax, numpy as np
+    sys.path.insert(0, sys.argv[2])
     assert len(jax.devices()) == 4
-    from tunix_sglang.compat import sglang_jax_fixes as fixes
+    from tunix_sglang import compat
+    from tunix_sglang.compat.base import ORIGINALS
     from tunix_sglang.engine import EngineSettings, InProcessEngine
+    from tunix_sglang.engine.scheduler_hooks import engine_devices
     from tunix_sglang.models import inspect_model_dir, load_model
     from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model
 
-    fixes.apply()
+    compat.apply_all()
     # The unpatched mesh builder always takes every device; the fix honours the choice.
-    orig = fixes.ORIGINALS["scheduler.create_device_mesh"]
+    orig = ORIGINALS["scheduler.create_device_mesh"]
     from sgl_jax.srt.managers import scheduler as sched
     assert orig([-1, 1, 1], [1, 1, 1]).devices.size == 4
-    with fixes.engine_devices(jax.devices()[2:]):
+    with engine_devices(jax.devices()[2:]):
         mesh = sched.create_device_mesh([-1, 1, 1], [1, 1, 1])
     assert sorted(d.id for d in mesh.devices.flat) == [2, 3]
 
@@ -386,7 +402,10 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     for a in eng.engine_params().values():
         used |= {d.id for d in a.sharding.device_set}
     assert used == {2, 3}, used
-    diff = eng.probe_logprob_diff(trainer)
+    from conftest import EngineAsRollout
+    from tunix_sglang import probe
+    # trainer on devices 0-1, engine on 2-3: the fingerprints do not depend on the sharding
+    diff = probe.prove(EngineAsRollout(eng), trainer, eng.weight_version).max_logprob_diff
     assert diff <= 1e-4, diff
     out = eng.generate([[1, 2, 3]] * 4, max_new_tokens=8, temperature=1.0)
     assert len(out) == 4
@@ -396,7 +415,7 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     eng = InProcessEngine(s2).start()
     assert [d.id for d in eng.devices] == [0]
     eng.sync_from_tunix(trainer)
-    assert eng.probe_logprob_diff(trainer) <= 1e-4
+    probe.prove(EngineAsRollout(eng), trainer, eng.weight_version)
     eng.shutdown()
     print("OK", diff)
 """)
@@ -405,7 +424,8 @@ _DEVICES_SCRIPT = textwrap.dedent("""
 def test_rollout_devices_subset(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    r = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, str(tmp_path)],
+    r = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, str(tmp_path),
+                        str(Path(__file__).parent)],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "OK" in r.stdout

@@ -4,6 +4,7 @@ trainer reads it through `models.tunix_model_config`; both must compute the same
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -12,17 +13,27 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+from conftest import EngineAsRollout  # noqa: E402
 
-from tunix_sglang.engine import EngineSettings, InProcessEngine, tunix_greedy  # noqa: E402
+from tunix_sglang import probe  # noqa: E402
+from tunix_sglang.engine import EngineSettings, InProcessEngine  # noqa: E402
+from tunix_sglang.hub import published_config  # noqa: E402
 from tunix_sglang.models import inspect_model_dir, load_model  # noqa: E402
+from tunix_sglang.probe.scoring import tunix_greedy, tunix_token_logprobs  # noqa: E402
 from tunix_sglang.tiny_model import TinyModelSpec, ensure_tiny_model  # noqa: E402
 
+
+def _like(name: str, seed: int) -> TinyModelSpec:
+    """The embedded model's size with the published config.json's rope_theta and tying
+    (shipped for the recipes: Qwen3-0.6B 1e6, Qwen3-4B-Instruct-2507 5e6; both tied)."""
+    c = json.loads(published_config(name).read_text())
+    return TinyModelSpec(rope_theta=float(c["rope_theta"]),
+                         tie_word_embeddings=bool(c["tie_word_embeddings"]), seed=seed)
+
+
 PUBLISHED = {
-    # Qwen/Qwen3-0.6B: tied embeddings, rope_theta 1e6.
-    "qwen3-0.6b-like": TinyModelSpec(rope_theta=1_000_000.0, tie_word_embeddings=True, seed=11),
-    # Qwen/Qwen3-4B-Instruct-2507: tied embeddings, rope_theta 5e6.
-    "qwen3-4b-instruct-2507-like": TinyModelSpec(rope_theta=5_000_000.0,
-                                                 tie_word_embeddings=True, seed=12),
+    "qwen3-0.6b-like": _like("Qwen/Qwen3-0.6B", seed=11),
+    "qwen3-4b-instruct-2507-like": _like("Qwen/Qwen3-4B-Instruct-2507", seed=12),
 }
 # Long prompts: positional encodings with a different rope_theta part ways after a few tokens.
 PROMPTS = [list(range(40, 88)), [(7 * i + 3) % 700 for i in range(60)]]
@@ -41,6 +52,8 @@ def test_engine_matches_trainer_on_published_config(name, tmp_path):
         samples = eng.generate(PROMPTS, max_new_tokens=8, temperature=0.0, ignore_eos=True)
         for prompt, s in zip(PROMPTS, samples, strict=True):
             assert s.tokens.tolist() == tunix_greedy(trainer, prompt, 8)
-        assert eng.probe_logprob_diff(trainer, prompt_ids=PROMPTS[1], num_tokens=4) <= 1e-4
+            ref = tunix_token_logprobs(trainer, prompt, s.tokens, 0.0)
+            assert np.max(np.abs(ref - s.logprobs)) <= 1e-4
+        assert probe.prove(EngineAsRollout(eng), trainer, eng.weight_version).check == "proven"
     finally:
         eng.shutdown()

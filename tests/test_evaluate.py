@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tunix_sglang import evaluate
+from tunix_sglang import evaluate, run_files, tunix_cluster
 from tunix_sglang.errors import UserError
 
 
@@ -25,7 +25,7 @@ def test_eval_rollout_config_is_greedy_for_every_engine():
     from tunix.rl.rl_cluster import Mode
 
     train = train_rollout_config()
-    ev = evaluate.eval_rollout_config(train)
+    ev = tunix_cluster.eval_rollout_config(train)
     # Tunix's vanilla sampler: top_p None (no beam) selects its "greedy" (argmax) mode.
     assert ev.top_p is None
     # sglang-jax / generic engines: temperature 0 and top_k 1 are greedy.
@@ -33,8 +33,15 @@ def test_eval_rollout_config_is_greedy_for_every_engine():
     for f in ("max_tokens_to_generate", "max_prompt_length", "kv_cache_size", "eos_tokens"):
         assert getattr(ev, f) == getattr(train, f)
     assert train.temperature == 0.9 and train.top_p == 1.0  # the train config is untouched
-    both = evaluate.rollout_configs(train)
+    both = tunix_cluster.rollout_configs(train)
     assert both[Mode.TRAIN] is train and both[Mode.EVAL] == ev
+    # What the engine rollouts send their engines (and servers) for each.
+    from tunix_sglang.rollout.base import Sampling
+
+    assert Sampling.of(ev) == Sampling(max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=1,
+                                       stop_token_ids=[3])
+    assert Sampling.of(train) == Sampling(max_new_tokens=32, temperature=0.9, top_p=1.0,
+                                          top_k=None, stop_token_ids=[3])
 
 
 @dataclasses.dataclass
@@ -74,7 +81,13 @@ def test_evaluate_counts_strict_and_lenient_and_pads_batches():
     # Every call has the same batch size (the last one is padded) and runs in EVAL mode.
     assert cluster.calls == [(2, Mode.EVAL, 40)] * 3
     assert r.samples[0]["completion"] == answers["Q0"] and r.samples[0]["strict"]
-    assert r.reward_mean > -10
+    # The mean over the problems of the sum of the reward functions, each graded alone.
+    from tunix_sglang import rewards
+
+    by_hand = [sum(fn(prompts=[""], completions=[answers[f"Q{i}"]], answer=[g])[0]
+                   for fn in rewards.DEFAULT_REWARD_FNS) for i, g in enumerate(golds)]
+    assert len(set(by_hand)) >= 3  # the five completions earn different rewards
+    assert r.reward_mean == pytest.approx(sum(by_hand) / 5)
     with pytest.raises(UserError):
         evaluate.evaluate(cluster, [], 40, 2)
 
@@ -82,32 +95,20 @@ def test_evaluate_counts_strict_and_lenient_and_pads_batches():
 def test_eval_jsonl_round_trip_and_resume_truncation(tmp_path):
     res = evaluate.EvalResult(n=10, strict_acc=0.2, lenient_acc=0.3, reward_mean=1.5, samples=[])
     for step in (0, 5, 10):
-        evaluate.append_eval(tmp_path, step, res)
-    rows = evaluate.read_evals(tmp_path)
+        evaluate.record(tmp_path, step, res)
+    with (tmp_path / "eval.jsonl").open("a") as f:
+        f.write('{"step": 15, "n"')  # a row cut by a kill
+    rows = run_files.read_evals(tmp_path)
     assert [r["step"] for r in rows] == [0, 5, 10]
     assert rows[0] | {"eval_sec": 0.0} == {"step": 0, "n": 10, "strict_acc": 0.2,
                                           "lenient_acc": 0.3, "reward_mean": 1.5,
                                           "eval_sec": 0.0}
-    evaluate.truncate_evals(tmp_path, after_step=5)
-    assert [r["step"] for r in evaluate.read_evals(tmp_path)] == [0, 5]
-    assert json.loads((tmp_path / "eval.jsonl.rerun").read_text())["step"] == 10
+    run_files.truncate_after(tmp_path / "eval.jsonl", 5)
+    assert [r["step"] for r in run_files.read_evals(tmp_path)] == [0, 5]
+    rerun = (tmp_path / "eval.jsonl.rerun").read_text().splitlines()
+    assert json.loads(rerun[0])["step"] == 10 and rerun[1] == '{"step": 15, "n"'
     line = evaluate.summary_line(res, dataclasses.replace(res, strict_acc=0.5))
     assert "strict 0.200 -> 0.500" in line and "lenient 0.300 -> 0.300" in line
-
-
-def test_heldout_split_is_disjoint_from_training_problems(tmp_path):
-    from tunix_sglang import data
-
-    train, _ = data.synthetic_split(n_train=2000, n_test=200, seed=0)
-    held = evaluate.heldout_problems("synthetic", None, seed=0, limit=50)
-    assert len(held) == 50
-    assert not {p.question for p in held} & {p.question for p in train}
-    gsm = tmp_path / "gsm"
-    gsm.mkdir()
-    (gsm / "test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
-    assert evaluate.heldout_problems("gsm8k", str(gsm), seed=0)[0].gold == "2"
-    with pytest.raises(UserError, match="--limit"):
-        evaluate.heldout_problems("synthetic", None, seed=0, limit=0)
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -127,10 +128,20 @@ def test_eval_cli_errors_are_user_errors(tmp_path):
         evaluate.eval_config(_args(run_dir=tmp_path))
 
 
+def test_eval_config_fits_the_data_and_the_devices():
+    cfg = evaluate.eval_config(_args(data="gsm8k"))
+    assert cfg.max_prompt_length == 256  # GSM8K prompts run past the synthetic 128
+    assert evaluate.eval_config(_args(data="gsm8k", max_prompt_length=300)).max_prompt_length \
+        == 300
+    # One generate call's prompts, split over 1, 2, 4 or 8 training chips (a v4-8 has 4).
+    for n in (1, 2, 4, 8):
+        cfg.validate_devices(n)
+
+
 def test_greedy_eval_through_tunix_vanilla_is_deterministic(tmp_path, cache_home, monkeypatch):
     """The real path: embedded model, Tunix RLCluster with the vanilla sampler, Mode.EVAL."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
-    from tunix_sglang import models
+    from tunix_sglang import data, models, rewards
     from tunix_sglang.tiny_model import ensure_tiny_model
 
     model_dir = ensure_tiny_model()
@@ -139,9 +150,9 @@ def test_greedy_eval_through_tunix_vanilla_is_deterministic(tmp_path, cache_home
     cfg.output_dir = str(tmp_path / "scratch")
     md = models.inspect_model_dir(model_dir)
     tok = models.load_tokenizer(md)
-    rows = evaluate.eval_rows(evaluate.heldout_problems("synthetic", None, 0, 6), tok,
-                              cfg.max_prompt_length)
-    cluster = evaluate.build_eval_cluster(cfg, md, tok)
+    rows = data.prompt_rows(data.heldout_problems("synthetic", None, 0, 6), tok,
+                            cfg.max_prompt_length, "held-out")
+    cluster, _ = tunix_cluster.build_cluster(cfg, md, tok)
     first = evaluate.evaluate(cluster, rows, 12, batch_size=4, num_samples=6)
     second = evaluate.evaluate(cluster, rows, 12, batch_size=4, num_samples=6)
     texts = [s["completion"] for s in first.samples]
@@ -150,4 +161,9 @@ def test_greedy_eval_through_tunix_vanilla_is_deterministic(tmp_path, cache_home
     # Padding a batch does not change a prompt's greedy completion.
     solo = evaluate.evaluate(cluster, rows[:1], 12, batch_size=4, num_samples=1)
     assert solo.samples[0]["completion"] == texts[0]
-    assert 0.0 <= first.strict_acc <= 1.0 and 0.0 <= first.lenient_acc <= 1.0
+    # The accuracies are those of these completions, graded here one by one.
+    golds = [r["answer"] for r in rows]
+    for key, strict in (("strict_acc", True), ("lenient_acc", False)):
+        want = sum(rewards.correct(c, g, strict=strict)
+                   for c, g in zip(texts, golds, strict=True)) / len(rows)
+        assert getattr(first, key) == pytest.approx(want), key

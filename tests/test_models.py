@@ -103,7 +103,8 @@ def test_rope_theta_fix_changes_the_function(tmp_path):
     assert np.max(np.abs(a - b)) > 1e-3
     from tunix.models.qwen3 import model as qwen3_model
 
-    from tunix_sglang.compat import ACTIVE_FIXES, tunix_fixes
+    from tunix_sglang.compat import ACTIVE_FIXES
+    from tunix_sglang.compat import tunix as tunix_fixes
 
     assert "tunix.qwen3.rope_theta" in ACTIVE_FIXES
     # The gate: the released Attention.block never passes rope_theta to apply_rope.

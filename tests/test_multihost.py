@@ -63,7 +63,7 @@ def test_launch_stops_every_process_on_timeout(run_cli, tmp_path):
 
 DESYNC = textwrap.dedent("""
     import os, sys, time
-    from tunix_sglang.cluster import Topology, initialize, step_barrier, DesyncError
+    from tunix_sglang.topology import Topology, initialize, step_barrier, DesyncError
     pid = int(sys.argv[1])
     initialize(Topology("127.0.0.1:" + sys.argv[2], 2, pid))
     step_barrier("step1", timeout_s=5)
@@ -99,7 +99,7 @@ def test_desync_is_reported_not_hung(cli_env):
 
 LIVENESS = textwrap.dedent("""
     import os, sys, time
-    from tunix_sglang.cluster import (Topology, initialize, live_barrier, stall_guard,
+    from tunix_sglang.topology import (Topology, initialize, live_barrier, stall_guard,
                                       DesyncError)
     pid = int(sys.argv[1])
     initialize(Topology("127.0.0.1:" + sys.argv[2], 2, pid))
@@ -143,7 +143,7 @@ def test_liveness_waits_for_busy_processes_and_fails_on_stuck_ones(cli_env):
 
 
 def test_stall_watch_counts_idle_time_across_processes():
-    from tunix_sglang.cluster import HEARTBEAT_S, StallWatch
+    from tunix_sglang.topology import HEARTBEAT_S, StallWatch
 
     now, cpu = [0.0], {0: 0.0, 1: 0.0}
     watch = StallWatch(read=lambda: dict(cpu), clock=lambda: now[0])
@@ -163,9 +163,9 @@ def test_stall_watch_counts_idle_time_across_processes():
 PLACE = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    from tunix_sglang.cluster import Topology, initialize
+    from tunix_sglang.topology import Topology, initialize
     initialize(Topology("127.0.0.1:" + sys.argv[2], 2, int(sys.argv[1])))
-    from tunix_sglang.compat.sglang_jax_fixes import place_replicated
+    from tunix_sglang.engine.scheduler_hooks import place_replicated
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     local = jax.local_devices()[0]
@@ -216,7 +216,7 @@ def test_engine_state_and_devices_on_a_mesh_spanning_processes(cli_env):
 def test_tpu_slice_workers_joins_only_multi_worker_slices():
     """On a TPU slice launched without flags `train` joins the other workers itself (JAX
     detects coordinator and ids); not on one host, not without a TPU, not under Pathways."""
-    from tunix_sglang.cluster import tpu_slice_workers
+    from tunix_sglang.topology import tpu_slice_workers
 
     two = {"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}
     assert tpu_slice_workers(two, tpu=True) == 2

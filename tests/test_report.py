@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tunix_sglang import report
+from tunix_sglang import report, run_files
 from tunix_sglang.errors import UserError
-from tunix_sglang.evaluate import EvalResult, append_eval
+from tunix_sglang.evaluate import EvalResult, record
 
 PLOT_RE = re.compile(r'<img class="plot" alt="([^"]*)" src="data:image/png;base64,([^"]+)"')
 
@@ -29,13 +29,14 @@ def fake_run(out: Path, steps: int = 12) -> Path:
                 "step": s, "loss": 0.01 * (-1) ** s, "reward_mean": 0.3 * s,
                 "reward_std": 1.0, "completion_len_mean": 30 - s, "rollout_sec": 0.5,
                 "sync_sec": 0.05, "train_sec": 0.6, "step_sec": 1.2, "weight_version": s,
-                "sync_max_logprob_diff": 0.0 if s % 2 else 1e-7,
+                "sync_max_logprob_diff": 0.0 if s % 2 else 1e-7, "sync_check": "proven",
+                "mismatch_kl": 1e-12 * s, "mismatch_max_abs": 1e-6 * s,
                 "reward/check_answer": 0.1 * s, "reward/match_format_exactly": 0.2 * s,
             }) + "\n")
         f.write('{"step": 13, "loss"')  # a row cut by a kill must not break the report
     (out / "config.json").write_text(json.dumps({"steps": steps, "learning_rate": 1e-3}))
     for step, acc in ((0, 0.1), (steps, 0.4)):
-        append_eval(out, step, EvalResult(n=50, strict_acc=acc, lenient_acc=acc + 0.1,
+        record(out, step, EvalResult(n=50, strict_acc=acc, lenient_acc=acc + 0.1,
                                           reward_mean=acc * 5, samples=[]))
     return out
 
@@ -58,20 +59,22 @@ def test_report_has_every_plot_as_png(tmp_path):
     plots = decoded_plots(text)
     titles = [t for t, _ in plots]
     assert titles == ["Reward", "Reward by function", "Eval accuracy", "Loss",
-                      "Completion length", "Time per step", "Weight sync"]
+                      "Completion length", "Time per step", "Weight sync",
+                      "Train-inference mismatch"]
     for title, img in plots:
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 150, title
         assert distinct_colours(img) > 20, f"plot {title!r} looks blank"
     # Offline by construction: nothing is fetched from anywhere.
     assert "http://" not in text and "https://" not in text and "<script" not in text
     for needle in ("learning_rate", "jax", "google-tunix", "sglang-jax", "backend",
-                   "strict accuracy, step 0 → 12", "0.1 → 0.4"):
+                   "strict accuracy, step 0 → 12", "0.1 → 0.4", "weight sync proof",
+                   "max mismatch_kl (rollout tokens)"):
         assert needle in text, needle
 
 
 def test_report_cli_entry_and_recorded_environment(tmp_path, capsys):
     out = fake_run(tmp_path / "run")
-    env = report.write_environment(out)
+    env = run_files.write_environment(out)
     assert json.loads(env.read_text())["python"]
     parser = argparse.ArgumentParser()
     report.add_report_parser(parser.add_subparsers(dest="command"))
@@ -84,7 +87,7 @@ def test_report_without_evals_still_shows_every_plot(tmp_path):
     out = fake_run(tmp_path / "run")
     (out / "eval.jsonl").unlink()
     plots = decoded_plots(report.write_report(out).read_text())
-    assert len(plots) == 7
+    assert len(plots) == 8
     assert all(distinct_colours(img) > 5 for _, img in plots)
 
 

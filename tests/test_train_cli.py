@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import GSM8K_TRAIN, REPO, cli_cmd
+from conftest import GSM8K_DIR, REPO, cli_cmd
 
-from tunix_sglang.metrics import REQUIRED_KEYS
+from tunix_sglang.run_files import REQUIRED_KEYS
 
 STEP_RE = re.compile(r"^Train step (\d+) training loss: (-?[\d.]+(?:e-?\d+)?)$", re.M)
 
@@ -33,8 +33,10 @@ def test_train_three_steps_vanilla(run_cli, tmp_path):
     assert [x["step"] for x in r] == [1, 2, 3]
     for x in r:
         assert set(REQUIRED_KEYS) <= set(x)
-        assert x["sync_max_logprob_diff"] <= 1e-3
+        # Tunix's own sampler is the trainer's model: nothing to sync, nothing to prove.
+        assert x["sync_check"] == "shared" and x["sync_max_logprob_diff"] is None
     assert [x["weight_version"] for x in r] == [1, 2, 3]
+    assert [x["rollout_weight_version"] for x in r] == [0, 1, 2]
     assert (out / "checkpoints" / "actor").is_dir()
     assert list((out / "tensorboard").rglob("*tfevents*"))
 
@@ -77,6 +79,36 @@ def test_resume_after_sigkill(cli_env, run_cli, tmp_path):
     # Rows of re-run steps were moved aside, not lost.
     if killed_at > last_ckpt:
         assert (out / "metrics.jsonl.rerun").exists()
+
+
+def test_injected_fault_stops_the_run_at_its_proof(run_cli, tmp_path):
+    """In-process engine, learning rate 1e-7: step 1 is proven (its row has the proof's and
+    the mismatch's figures), step 2's sync writes nothing and the run stops at its proof:
+    exit 1, one line naming what did not arrive where, step 1's row intact."""
+    out = tmp_path / "run"
+    p = run_cli("train", "--steps", "4", "--learning-rate", "1e-7", "--eval-limit", "0",
+                "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "16",
+                "--output-dir", str(out), env={"TUNIX_SGLANG_INJECT_FAULT": "skip_sync@2"})
+    assert p.returncode == 1, p.stderr[-3000:]
+    err = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(
+        "error: weight sync v2 did not arrive at the rollout engine: engine parameter "), err
+    assert err[0].endswith("[TUNIX_SGLANG_INJECT_FAULT=skip_sync@2 is set]")
+    assert [int(m.group(1)) for m in STEP_RE.finditer(p.stdout)] == [1]
+    (row,) = rows(out)
+    assert row["step"] == 1 and set(REQUIRED_KEYS) <= set(row)
+    assert row["sync_check"] == "proven" and row["sync_max_logprob_diff"] <= 1e-4
+    assert (row["weight_version"], row["rollout_weight_version"]) == (1, 0)
+    assert 0 <= row["mismatch_kl"] <= 1e-6 and row["mismatch_max_abs"] <= 1e-3
+    assert (out / "config.json").is_file()
+
+
+def test_unknown_fault_is_a_one_line_error(run_cli, tmp_path):
+    p = run_cli("train", "--steps", "1", "--output-dir", str(tmp_path / "run"), timeout=120,
+                env={"TUNIX_SGLANG_INJECT_FAULT": "skip_snyc"})
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        p.stderr.strip().splitlines()[0]]
+    assert "unknown fault 'skip_snyc'" in p.stderr and "skip_sync" in p.stderr
 
 
 BAD_INPUTS = [
@@ -124,15 +156,18 @@ def test_yaml_config_and_unknown_key(run_cli, tmp_path):
     assert p.returncode == 2 and "stepz" in p.stderr
 
 
-@pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason="shared GSM8K train split not present")
-def test_train_on_real_gsm8k_file(run_cli, tmp_path):
+def test_train_on_gsm8k_files(run_cli, tmp_path):
+    """GSM8K in its Hugging Face layout (the repository's sample): trains on train.jsonl and
+    evaluates before and after on test.jsonl."""
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
-        f"data: gsm8k\ndata_path: {GSM8K_TRAIN}\nsteps: 1\nmax_prompt_length: 512\n"
-        f"max_new_tokens: 16\nrollout_engine: vanilla\noutput_dir: {out}\n"
+        f"data: gsm8k\ndata_path: {GSM8K_DIR}\nsteps: 1\nmax_prompt_length: 512\n"
+        f"max_new_tokens: 16\nrollout_engine: vanilla\noutput_dir: {out}\neval_limit: 4\n"
     )
     p = run_cli("train", "--config", str(cfg))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Train step 1 training loss" in p.stdout
     assert rows(out)[0]["step"] == 1
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["n"]) for e in evals] == [(0, 4), (1, 4)]

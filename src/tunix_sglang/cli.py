@@ -10,11 +10,13 @@ import sys
 from tunix_sglang.config import (
     DATA_SOURCES,
     EMBEDDED_DEFAULTS,
+    PROMPT_LENGTH,
     ROLLOUT_ENGINES,
     TrainConfig,
     build_config,
 )
 from tunix_sglang.errors import UserError
+from tunix_sglang.protocol import TOKEN_ENV
 
 # (flag, type, help); the default shown comes from TrainConfig, so YAML can still set it.
 _TRAIN_FLAGS: list[tuple[str, type, str]] = [
@@ -22,7 +24,9 @@ _TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--rollout-engine", str, f"one of {', '.join(ROLLOUT_ENGINES)}"),
     ("--rollout-devices", int, "devices for the rollout engine, the rest train (0: share all)"),
     ("--local-model-dir", str, "Hugging Face style model dir (config.json, *.safetensors, "
-     "tokenizer); unset: the embedded tiny Qwen3"),
+     "tokenizer); unset: --model, else the embedded tiny Qwen3"),
+    ("--model", str, "Hugging Face model id (ORG/NAME), fetched into the Hugging Face cache "
+     "($HF_HOME) when the hub is reachable, the cached copy otherwise"),
     ("--sglang-mem-fraction-static", float, "share of device memory for the engine, in (0, 1)"),
     ("--multihost-mode", str, "sglang_jax on several processes: host_local (one engine per "
      "host) or lockstep (one engine spanning hosts; experimental on 0.0.2)"),
@@ -43,7 +47,9 @@ _TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--checkpoint-every", int, "steps between checkpoints"),
     ("--eval-every", int, "steps between held-out greedy evaluations (0: before/after only)"),
     ("--eval-limit", int, "held-out problems per evaluation (0: none)"),
-    ("--sync-check-threshold", float, "max |Δ logprob| engine vs trainer after each sync"),
+    ("--sync-check-threshold", float, "max |Δ logprob| engine vs trainer on the sync proof's "
+     "probe (None: 1e-3 for float32 engines; for bfloat16 0.1 x the largest probe logit, "
+     "at least 0.25)"),
     ("--dtype", str, "float32 or bfloat16"),
 ]
 
@@ -55,13 +61,15 @@ def _train_parser(sub) -> None:
     for flag, typ, text in _TRAIN_FLAGS:
         name = flag[2:].replace("-", "_")
         default = f"{getattr(defaults, name)}"
+        if name == "max_prompt_length":
+            default = ", ".join(f"{k} {v}" for k, v in PROMPT_LENGTH.items())
         if name in EMBEDDED_DEFAULTS:
             default += f"; embedded model: {EMBEDDED_DEFAULTS[name]}"
         p.add_argument(flag, type=typ, help=f"{text} (default: {default})")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the last checkpoint in --output-dir")
-    p.add_argument("--server-token", help="shared token for rollout servers (or env "
-                   "TUNIX_SGLANG_SERVER_TOKEN); never written to config.json")
+    p.add_argument("--server-token", help=f"shared token for rollout servers (or env "
+                   f"{TOKEN_ENV}); never written to config.json")
     g = p.add_argument_group("multi-host (set by `tunix-sglang launch`; on TPU auto-detected)")
     g.add_argument("--coordinator-address", help="host:port of process 0")
     g.add_argument("--num-processes", type=int, help="processes in the JAX cluster")
@@ -71,7 +79,7 @@ def _train_parser(sub) -> None:
 def _quiet_logs() -> None:
     """Keep the console to one line per step: library INFO logs go nowhere by default."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tunix_sglang.cluster import default_platform
+    from tunix_sglang.topology import default_platform
 
     default_platform()
     if os.environ.get("TUNIX_SGLANG_VERBOSE"):
@@ -106,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_logs()
     try:
         if args.command == "train":
-            from tunix_sglang.cluster import Topology
+            from tunix_sglang.topology import Topology
 
             topo_keys = ("coordinator_address", "num_processes", "process_id")
             topo = Topology.from_env(*(getattr(args, k) for k in topo_keys))
             if args.server_token:
-                os.environ["TUNIX_SGLANG_SERVER_TOKEN"] = args.server_token
+                os.environ[TOKEN_ENV] = args.server_token
             skip = ("command", "config", "server_token", *topo_keys)
             overrides = {k: v for k, v in vars(args).items() if k not in skip}
             cfg = build_config(args.config, overrides)
@@ -145,12 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         # Failures the run detects itself (a sync that did not arrive, hosts out of step):
         # one line, not a traceback. Anything else keeps its traceback.
-        from tunix_sglang.cluster import DesyncError
-        from tunix_sglang.grpo_step import SyncCheckError
+        from tunix_sglang.probe import SyncCheckError
+        from tunix_sglang.topology import DesyncError
 
         if not isinstance(e, (SyncCheckError, DesyncError)):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        from tunix_sglang.faults import ENV
+
+        injected = f" [{ENV}={os.environ[ENV]} is set]" if os.environ.get(ENV) else ""
+        print(f"error: {e}{injected}", file=sys.stderr, flush=True)
         return 1
 
 

@@ -1,4 +1,5 @@
-"""GSM8K-style problems: loading (local files or the HF hub), synthetic problems, prompts."""
+"""GSM8K-style problems: loading (local files or the HF hub), synthetic problems, the run's
+train and held-out splits, prompts that fit the rollout, and the batches of each step."""
 
 from __future__ import annotations
 
@@ -10,24 +11,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tunix_sglang.errors import UserError
 from tunix_sglang.rewards import format_completion, normalize_number
 
 __all__ = [
     "HUB_DATASET",
+    "SYNTHETIC_SPLIT",
     "SYSTEM_PROMPT",
+    "Batches",
     "Problem",
+    "fit_prompts",
+    "heldout_problems",
     "load_gsm8k",
+    "prompt_rows",
     "prompt_messages",
     "render_prompt",
     "sft_completion",
     "synthetic_problems",
     "synthetic_split",
     "to_dataset_rows",
+    "train_problems",
     "worked_solution",
 ]
 
 HUB_DATASET = "openai/gsm8k"
+# The synthetic data of every run (and of the embedded model's warm start): 2,000 training
+# problems and 200 held out, disjoint, for the run's seed.
+SYNTHETIC_SPLIT = dict(n_train=2000, n_test=200)
 
 SYSTEM_PROMPT = (
     "You are given a math word problem. Think about it step by step and write your reasoning "
@@ -112,6 +124,75 @@ def to_dataset_rows(problems: Iterable[Problem], tokenizer: Any) -> list[dict[st
         {"prompts": render_prompt(p.question, tokenizer), "question": p.question, "answer": p.gold}
         for p in problems
     ]
+
+
+def fit_prompts(rows: list[dict[str, str]], tokenizer: Any, max_len: int, what: str,
+                log: Callable[[str], None] = print) -> list[dict[str, str]]:
+    """The rows whose prompt fits --max-prompt-length tokens; says how many were skipped and
+    why (the engine's shapes are fixed by that length), and fails when none is left."""
+    lengths = [len(tokenizer.encode(r["prompts"])) for r in rows]
+    kept = [r for r, n in zip(rows, lengths, strict=True) if n <= max_len]
+    if rows and not kept:
+        raise UserError(f"every {what} prompt is longer than --max-prompt-length {max_len} "
+                        f"tokens (shortest: {min(lengths)}); raise --max-prompt-length")
+    if len(kept) < len(rows):
+        log(f"skipped {len(rows) - len(kept)} of {len(rows)} {what} prompts longer than "
+            f"--max-prompt-length {max_len} tokens (longest: {max(lengths)}); raise "
+            "--max-prompt-length to keep them")
+    return kept
+
+
+def prompt_rows(problems: Iterable[Problem], tokenizer: Any, max_len: int,
+                what: str) -> list[dict[str, str]]:
+    """Dataset rows (rendered prompts, question, gold answer) of the problems whose prompt
+    fits the rollout's prompt length (the others are skipped, counted on the console)."""
+    return fit_prompts(to_dataset_rows(problems, tokenizer), tokenizer, max_len, what)
+
+
+@dataclass
+class Batches:
+    """Deterministic batches: the rows of step s depend only on (seed, s), so resume is exact."""
+
+    rows: list[dict[str, Any]]
+    batch_size: int
+    seed: int
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        n = len(self.rows)
+        start = (step - 1) * self.batch_size
+        picked = []
+        for i in range(start, start + self.batch_size):
+            epoch, pos = divmod(i, n)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            picked.append(self.rows[order[pos]])
+        # Tunix needs numpy arrays, not lists of str (lists are split per character).
+        return {k: np.array([r[k] for r in picked]) for k in picked[0]}
+
+
+# --------------------------------------------------------------------- the run's splits
+
+
+def train_problems(data: str, data_path: str | None, seed: int) -> list[Problem]:
+    """The training split: synthetic problems for `seed`, or GSM8K's train split."""
+    if data == "synthetic":
+        return synthetic_split(seed=seed, **SYNTHETIC_SPLIT)[0]
+    return load_gsm8k(data_path, split="train")
+
+
+def heldout_problems(data: str, data_path: str | None, seed: int,
+                     limit: int | None = None) -> list[Problem]:
+    """The held-out split: synthetic test problems for `seed`, or GSM8K's test split."""
+    if data == "synthetic":
+        problems = synthetic_split(seed=seed, **SYNTHETIC_SPLIT)[1]
+    elif data == "gsm8k":
+        problems = load_gsm8k(data_path, split="test")
+    else:
+        raise UserError(f"--data {data!r} is unknown; use synthetic or gsm8k")
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit {limit}: must be >= 1")
+        problems = problems[:limit]
+    return problems
 
 
 # ----------------------------------------------------------------------- synthetic

@@ -9,24 +9,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import importlib
 import importlib.metadata as md
 import importlib.util
 import json
 import os
-import struct
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from tunix_sglang import cluster as cluster_lib
-from tunix_sglang.config import ROLLOUT_ENGINES, TrainConfig
+from tunix_sglang import plan as plan_lib
+from tunix_sglang import topology
+from tunix_sglang.checks import Check, DeviceFacts
+from tunix_sglang.config import DATA_SOURCES, PROMPT_LENGTH, ROLLOUT_ENGINES, TrainConfig
+from tunix_sglang.tpu_lock import DEFAULT_LOCKFILE, check_tpu_lock
+from tunix_sglang.tpu_targets import TARGETS, get_target
+from tunix_sglang.tunix_cluster import compilation_cache_dir
 
-Status = Literal["OK", "WARN", "FAIL"]
-DEFAULT_LOCKFILE = "/tmp/libtpu_lockfile"
 PROJECT_DIST = "tunix-sglang"
 # (distribution, what to call it) in the order they are reported.
 TRACKED_DISTS = (
@@ -35,35 +36,8 @@ TRACKED_DISTS = (
 )
 
 
-@dataclasses.dataclass
-class Check:
-    name: str
-    status: Status
-    detail: str
-    fix: str = ""
-    blocking: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 # ---------------------------------------------------------------------------------------------
 # Device facts: the one seam.
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceFacts:
-    """What JAX reports about this process's devices."""
-
-    backend: str | None  # jax.default_backend(); None when JAX could not start
-    device_kind: str | None  # devices()[0].device_kind, e.g. "cpu", "TPU v4", "TPU v5 lite"
-    device_count: int
-    local_device_count: int
-    process_count: int
-    process_index: int
-    memory_bytes: int | None  # per device: TPU bytes_limit, CPU MemAvailable (shared)
-    memory_source: str
-    error: str | None = None
 
 
 def host_memory_available() -> int | None:
@@ -174,19 +148,19 @@ def check_versions(rollout_engine: str = "sglang_jax") -> list[Check]:
 
 
 def check_compat_fixes() -> Check:
-    """Which fixes to the released packages are active (what apply_all reports)."""
+    """Every fix of the compat registry, and whether the installed packages needed it."""
     try:
         from tunix_sglang import compat
 
-        active = compat.apply_all()
+        fixes = compat.status()
     except Exception as e:  # a broken fix must be reported, not crash the doctor
         return Check("compat fixes", "FAIL", f"apply_all() raised {type(e).__name__}: {e}",
                      "the installed Tunix / sglang-jax differ from what the fixes expect; "
                      "reinstall the tested versions", blocking=True)
-    if not active:
-        return Check("compat fixes", "OK", "none needed by the installed packages")
-    detail = "; ".join(f"{name}: {why}" for name, why in active.items())
-    return Check("compat fixes", "OK", f"{len(active)} active: {detail}")
+    active = sum(applied for _, applied in fixes)
+    listed = "\n".join(f"{fix.name}: {fix.why}" + ("" if applied else " (not needed here)")
+                       for fix, applied in fixes)
+    return Check("compat fixes", "OK", f"{active} of {len(fixes)} active:\n{listed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +219,7 @@ def check_processes(facts: DeviceFacts, env: Mapping[str, str] | None = None) ->
         return Check("processes", "WARN", "unknown (no backend)")
     detail = (f"process {facts.process_index} of {facts.process_count}; "
               f"{facts.local_device_count} local / {facts.device_count} global devices")
-    hosts = cluster_lib.tpu_worker_hosts(env)
+    hosts = topology.tpu_worker_hosts(env)
     if len(hosts) > facts.process_count:
         return Check("processes", "WARN",
                      f"{detail}, but TPU_WORKER_HOSTNAMES lists {len(hosts)} workers",
@@ -283,169 +257,6 @@ def check_tpu_generation(facts: DeviceFacts, rollout_engine: str = "sglang_jax")
 
 
 # ---------------------------------------------------------------------------------------------
-# The libtpu lockfile.
-
-
-@dataclasses.dataclass(frozen=True)
-class LockHolder:
-    pid: int
-    command: str
-    how: str  # "lockf" (POSIX lock, what libtpu takes), "flock", "open"
-
-
-def _command(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return "?"
-    return " ".join(a.decode(errors="replace") for a in raw.split(b"\0") if a) or "?"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# struct flock on 64-bit Linux: short l_type, short l_whence, off_t l_start, off_t l_len,
-# pid_t l_pid (native alignment pads it to 32 bytes).
-_FLOCK = "hhqqi"
-
-
-def _posix_lock_pid(path: str) -> int | None:
-    """PID holding a POSIX (fcntl/lockf) lock on `path`, asked of the kernel with F_GETLK.
-
-    libtpu locks its lockfile with lockf(3) (it imports lockf, not flock), which is a POSIX
-    record lock; F_GETLK names the holder without taking the lock ourselves.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0).ljust(32, b"\0")
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
-        l_type, _, _, _, pid = struct.unpack_from(_FLOCK, answer)
-        return pid if l_type != fcntl.F_UNLCK and pid > 0 else None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _proc_locks(path: str) -> list[tuple[int, str]]:
-    """(pid, kind) of every lock /proc/locks lists on the file's inode (covers flock too)."""
-    try:
-        st = os.stat(path)
-        text = Path("/proc/locks").read_text()
-    except OSError:
-        return []
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    out = []
-    for line in text.splitlines():
-        f = line.split()
-        # "1: POSIX  ADVISORY  WRITE 1234 00:2e:5678 0 EOF" (blocked waiters have "->")
-        if len(f) >= 6 and f[1] != "->" and f[5] == inode and f[4].lstrip("-").isdigit():
-            out.append((int(f[4]), f[1].lower()))
-    return out
-
-
-def _open_by(path: str) -> list[int]:
-    """PIDs with the file open (via /proc/*/fd links); other users' processes are invisible."""
-    target = os.path.realpath(path)
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) == target:
-                    pids.append(int(proc.name))
-                    break
-        except OSError:
-            continue
-    return pids
-
-
-def lock_holders(path: str = DEFAULT_LOCKFILE) -> list[LockHolder]:
-    """Live processes that lock or hold open the libtpu lockfile (this process excluded)."""
-    found: dict[int, str] = {}
-    pid = _posix_lock_pid(path)
-    if pid:
-        found[pid] = "lockf"
-    for pid, kind in _proc_locks(path):
-        if pid > 0:
-            found.setdefault(pid, "lockf" if kind == "posix" else kind)
-    for pid in _open_by(path):
-        found.setdefault(pid, "open")
-    me = os.getpid()
-    return [LockHolder(p, _command(p), how) for p, how in sorted(found.items())
-            if p != me and _alive(p)]
-
-
-def remove_stale_lockfile(path: str = DEFAULT_LOCKFILE) -> str:
-    """Remove the lockfile only if nobody holds it; returns what happened.
-
-    We take the same lockf lock libtpu takes before unlinking, so a process that locks it
-    in between makes us refuse instead of pulling the file from under it.
-    """
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return "already gone"
-    except PermissionError:
-        return f"refused: no permission to open it (run: sudo rm {path})"
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return "refused: a process holds the lock"
-        if lock_holders(path):
-            return "refused: a live process has it open"
-        os.unlink(path)
-        return "removed"
-    except PermissionError:
-        return f"refused: no permission to remove it (run: sudo rm {path})"
-    finally:
-        os.close(fd)
-
-
-def check_tpu_lock(path: str = DEFAULT_LOCKFILE, fix: bool = False,
-                   env: Mapping[str, str] | None = None) -> Check:
-    env = os.environ if env is None else env
-    if not os.path.exists(path):
-        return Check("TPU lock", "OK", f"no {path}")
-    uses_tpu = not env.get("JAX_PLATFORMS") or "tpu" in env.get("JAX_PLATFORMS", "")
-    holders = lock_holders(path)
-    if holders:
-        who = "; ".join(f"PID {h.pid} ({h.how}): {h.command}" for h in holders)
-        detail = f"{path} is held by a live process: {who}"
-        if fix:
-            detail += "; --fix refused to remove it: a live process holds it"
-        pids = " ".join(str(h.pid) for h in holders)
-        multi = " (ALLOW_MULTIPLE_LIBTPU_LOAD is set)" if env.get("ALLOW_MULTIPLE_LIBTPU_LOAD") \
-            else ""
-        return Check("TPU lock", "FAIL", detail + multi,
-                     f"stop it if it is a leftover run (kill {pids}), or wait for it to finish",
-                     blocking=uses_tpu and not multi)
-    if fix:
-        outcome = remove_stale_lockfile(path)
-        status: Status = "OK" if outcome in ("removed", "already gone") else "WARN"
-        return Check("TPU lock", status, f"stale {path} (no live holder): --fix {outcome}",
-                     "" if status == "OK" else f"sudo rm {path}")
-    writable = os.access(path, os.W_OK)
-    detail = f"stale {path}: no live process holds it"
-    if not writable:
-        detail += " and it is not writable by this user (libtpu then fails to lock it)"
-    return Check("TPU lock", "WARN", detail,
-                 f"tunix-sglang doctor --fix (or: {'sudo ' if not writable else ''}rm {path})")
-
-
-# ---------------------------------------------------------------------------------------------
 # Pathways, compilation cache.
 
 
@@ -477,12 +288,6 @@ def check_pathways(env: Mapping[str, str] | None = None) -> Check:
     return Check("Pathways", "OK", detail)
 
 
-def default_cache_dir() -> str:
-    # Mirrors runner.default_compilation_cache, which `train` applies when nothing is set.
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return os.path.join(base, "tunix-sglang", "jax")
-
-
 def check_compilation_cache(env: Mapping[str, str] | None = None) -> Check:
     env = os.environ if env is None else env
     chosen = env.get("JAX_COMPILATION_CACHE_DIR")
@@ -492,7 +297,7 @@ def check_compilation_cache(env: Mapping[str, str] | None = None) -> Check:
         chosen = jax.config.jax_compilation_cache_dir
     if not chosen:
         return Check("compilation cache", "OK", "not set here; `train` uses "
-                     f"{default_cache_dir()} (restarts skip compiles)")
+                     f"{compilation_cache_dir()} (restarts skip compiles)")
     if "://" not in chosen:
         p = Path(chosen).expanduser()
         parent = p if p.exists() else p.parent
@@ -500,50 +305,6 @@ def check_compilation_cache(env: Mapping[str, str] | None = None) -> Check:
             return Check("compilation cache", "WARN", f"{chosen} is not writable",
                          "point JAX_COMPILATION_CACHE_DIR at a writable directory")
     return Check("compilation cache", "OK", f"JAX persistent cache at {chosen}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory plan.
-
-
-def memory_plan_for(cfg: TrainConfig, facts: DeviceFacts):
-    """The memory plan for `cfg` on these devices (config.json only, no weights)."""
-    from tunix_sglang import memory_plan as mp
-    from tunix_sglang.warmstart import embedded_shape_dir
-
-    model_dir = cfg.local_model_dir or str(embedded_shape_dir())
-    shape = mp.read_model_shape(model_dir)
-    cpu = facts.backend != "tpu" and not (facts.device_kind or "").startswith("TPU")
-    return mp.plan_memory(
-        shape, mp.PlanInputs.from_config(cfg), facts.memory_bytes or 0,
-        num_devices=max(1, facts.device_count), shared_memory=cpu,
-        memory_source=facts.memory_source,
-    )
-
-
-def check_memory_plan(cfg: TrainConfig, facts: DeviceFacts) -> tuple[Check, Any]:
-    if not facts.memory_bytes:
-        return Check("memory plan", "WARN", "device memory unknown; no plan"), None
-    try:
-        plan = memory_plan_for(cfg, facts)
-    except (OSError, KeyError, ValueError) as e:
-        return Check("memory plan", "WARN", f"cannot read the model config: {e}",
-                     "pass --local-model-dir a directory with config.json"), None
-    from tunix_sglang.memory_plan import gib
-
-    head = f"{gib(plan.total)} of {gib(plan.device_memory)} per device"
-    if plan.mem_fraction_max is not None:
-        head += (f"; safe --sglang-mem-fraction-static <= {plan.mem_fraction_max:.2f}, "
-                 f"max_total_tokens {plan.max_total_tokens}")
-    if plan.fits:
-        return Check("memory plan", "OK", head), plan
-    detail = f"{head}: {'; '.join(plan.problems)}"
-    fix = "lower one of: " + ", ".join(plan.advice)
-    # Only a certain OOM blocks: weights + optimizer state alone not fitting. The rest
-    # involves estimated activations.
-    if not plan.static_fits:
-        return Check("memory plan", "FAIL", detail, fix, blocking=True), plan
-    return Check("memory plan", "WARN", detail, fix), plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,7 +348,9 @@ def _run(model_dir, rollout_engine, *, cfg, lockfile, fix, fast, facts):
                check_tpu_generation(facts, cfg.rollout_engine)]
     if not fast:
         checks += [check_compat_fixes(), check_compilation_cache()]
-    plan_check, plan = check_memory_plan(cfg, facts)
+        target = plan_lib.check_target(cfg, facts)
+        checks += [target] if target else []
+    plan_check, plan = plan_lib.check_memory_plan(cfg, facts)
     checks.append(plan_check)
     return checks, plan, facts
 
@@ -622,7 +385,9 @@ def format_table(checks: list[Check]) -> str:
     lines = []
     for c in checks:
         mark = c.status + ("!" if c.blocking else "")
-        lines.append(f"{mark:<5} {c.name:<{width}}  {c.detail}")
+        first, *more = c.detail.splitlines()
+        lines.append(f"{mark:<5} {c.name:<{width}}  {first}")
+        lines += [f"{'':<5} {'':<{width}}    {line}" for line in more]
         if c.fix and c.status != "OK":
             lines.append(f"{'':<5} {'':<{width}}  fix: {c.fix}")
     blocking = [c.name for c in checks if c.blocking]
@@ -633,6 +398,9 @@ def format_table(checks: list[Check]) -> str:
 
 _PLAN_FLAGS: list[tuple[str, type, str]] = [
     ("--local-model-dir", str, "model directory (config.json is all the plan reads)"),
+    ("--model", str, "Hugging Face model id (ORG/NAME); its config.json from the cache, "
+     "the recipes' shipped copy, or the hub"),
+    ("--data", str, f"one of {', '.join(DATA_SOURCES)} (sets the default prompt length)"),
     ("--batch-size", int, "prompts per step"),
     ("--num-generations", int, "completions per prompt"),
     ("--max-prompt-length", int, "prompt tokens"),
@@ -657,28 +425,70 @@ def _add_doctor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--fix", action="store_true",
                    help="remove a stale libtpu lockfile (never one a live process holds)")
-    p.add_argument("--plan", action="store_true", help="print the memory plan in full")
+    p.add_argument("--plan", action="store_true",
+                   help="print the plan in full: memory per device, engine settings, device "
+                   "split; for the config's target when it names one")
+    p.add_argument("--config", help="a `train` YAML config (e.g. recipes/*.yaml); flags "
+                   "override it")
+    p.add_argument("--target", help="plan for this TPU slice instead of this machine: "
+                   f"{', '.join(TARGETS)}")
     p.add_argument("--lockfile", default=DEFAULT_LOCKFILE, help=argparse.SUPPRESS)
     defaults = TrainConfig()
     for flag, typ, text in _PLAN_FLAGS:
-        default = getattr(defaults, flag[2:].replace("-", "_"))
+        name = flag[2:].replace("-", "_")
+        default = getattr(defaults, name)
+        if name == "max_prompt_length":
+            default = ", ".join(f"{k} {v}" for k, v in PROMPT_LENGTH.items())
         p.add_argument(flag, type=typ, default=None, help=f"{text} (default: {default})")
 
 
 def _cfg_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig()
-    for flag, _, _ in _PLAN_FLAGS:
-        name = flag[2:].replace("-", "_")
-        if getattr(args, name, None) is not None:
-            setattr(cfg, name, getattr(args, name))
-    cfg.validate()
-    return cfg
+    """The run's config as `train` would build it from the same file and flags."""
+    from tunix_sglang.config import build_config
+
+    flags = {f[2:].replace("-", "_") for f, _, _ in _PLAN_FLAGS}
+    return build_config(args.config, {k: getattr(args, k, None) for k in flags})
+
+
+def plan_target(cfg: TrainConfig, target: str, config: str | None, as_json: bool) -> int:
+    """`doctor --plan --target T`: the plan on slice T, computed here; 1 when it does not fit."""
+    t0 = time.perf_counter()
+    tpu = get_target(target)
+    facts = plan_lib.target_facts(tpu)
+    checks = [check_tpu_generation(facts, cfg.rollout_engine)]
+    run = plan_lib.plan_run(cfg, facts)
+    largest = plan_lib.largest_fitting(run)
+    fits = run.fits and not any(c.blocking for c in checks)
+    verdict = "fits" if fits else "does not fit"
+    if as_json:
+        out = {"config": config, "target": dataclasses.asdict(tpu), **run.to_dict(),
+               "verdict": verdict, "fits": fits, "largest_fitting": largest,
+               "checks": [c.to_dict() for c in checks],
+               "elapsed_sec": round(time.perf_counter() - t0, 3)}
+        print(json.dumps(out, indent=2, default=str), flush=True)
+    else:
+        print(f"plan for {config or 'these flags'} on {tpu.name}: {tpu.chips} x "
+              f"{tpu.device_kind}, {tpu.hosts} host(s), {tpu.hbm_gib} GiB HBM per chip")
+        print(run.format())
+        if largest["batch_size"]:
+            print(f"largest that fits: --batch-size {largest['batch_size']} (at "
+                  f"--num-generations {largest['num_generations']}), --max-new-tokens "
+                  f"{largest['max_new_tokens']} (at this batch)")
+        else:
+            print("largest that fits: nothing, not even --batch-size 1")
+        print(format_table(checks))
+        print(f"verdict: {verdict}", flush=True)
+    return 0 if fits else 1
 
 
 def doctor_main(args: argparse.Namespace) -> int:
-    """Run the checks, print them; 1 when something blocks a run, else 0."""
+    """Run the checks, print them; 1 when something blocks a run, else 0. With a target
+    (--target, or --plan with a config that names one), plan for that slice instead."""
     t0 = time.perf_counter()
     cfg = _cfg_from_args(args)
+    target = args.target or (cfg.target if args.plan else None)
+    if target:
+        return plan_target(cfg, target, args.config, args.json)
     checks, plan, facts = _run(None, cfg.rollout_engine, cfg=cfg,
                                lockfile=getattr(args, "lockfile", DEFAULT_LOCKFILE),
                                fix=args.fix, fast=False, facts=None)

@@ -1,15 +1,8 @@
 """Greedy pass@1 accuracy on a held-out split, through the run's own rollout engine.
 
 `evaluate` generates through Tunix's `RLCluster.generate(..., mode=Mode.EVAL)`, so evaluation
-uses exactly the engine (vanilla sampler or sglang-jax) and the weights training uses. The
-cluster's `rollout_config` must be a dict `{Mode.TRAIN: train_cfg, Mode.EVAL:
-eval_rollout_config(train_cfg)}`.
-
-Greedy decoding, for every engine, from one RolloutConfig:
-- Tunix's vanilla sampler picks its mode from `top_p`/`beam_size`: `top_p=None` (and no beam)
-  is greedy (argmax); temperature and top_k are then unused.
-- sglang-jax (and generic engines) read `temperature=0` as greedy; `top_k=1` says the same for
-  engines that only look at top_k.
+uses exactly the engine (vanilla sampler or sglang-jax) and the weights training uses; the
+cluster's EVAL rollout config is greedy for every engine (`tunix_cluster.eval_rollout_config`).
 
 Two extractions are reported (`rewards.correct`): strict reads the `<answer>` tag, lenient the
 last number anywhere in the completion.
@@ -23,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from tunix_sglang import data, run_files, tunix_cluster
+from tunix_sglang.config import PROMPT_LENGTH
 from tunix_sglang.errors import UserError
 
-EVAL_FILE = "eval.jsonl"
-SYNTHETIC_TEST_SIZE = 200  # held-out synthetic problems (runner's split: 2000 train / 200 test)
 DEFAULT_EVAL_BATCH = 16
 
 
@@ -56,49 +48,6 @@ class EvalResult:
             "lenient_acc": self.lenient_acc, "reward_mean": self.reward_mean,
             "eval_sec": self.eval_sec,
         }
-
-
-def eval_rollout_config(train_cfg: Any) -> Any:
-    """Greedy decoding for the vanilla sampler (top_p=None) and other engines (temperature 0,
-    top_k 1); everything else (lengths, cache, eos, engine knobs) as in training."""
-    return dataclasses.replace(train_cfg, temperature=0.0, top_p=None, top_k=1, seed=None)
-
-
-def rollout_configs(train_cfg: Any) -> dict[Any, Any]:
-    """The `rollout_config` value for Tunix's ClusterConfig: train sampling, eval greedy."""
-    from tunix.rl.rl_cluster import Mode
-
-    return {Mode.TRAIN: train_cfg, Mode.EVAL: eval_rollout_config(train_cfg)}
-
-
-def heldout_problems(data: str, data_path: str | None, seed: int, limit: int | None = None):
-    """The held-out split: synthetic test problems for `seed`, or GSM8K's test split."""
-    from tunix_sglang import data as data_lib
-
-    if data == "synthetic":
-        problems = data_lib.synthetic_split(n_train=2000, n_test=SYNTHETIC_TEST_SIZE, seed=seed)[1]
-    elif data == "gsm8k":
-        problems = data_lib.load_gsm8k(data_path, split="test")
-    else:
-        raise UserError(f"--data {data!r} is unknown; use synthetic or gsm8k")
-    if limit is not None:
-        if limit < 1:
-            raise UserError(f"--limit {limit}: must be >= 1")
-        problems = problems[:limit]
-    return problems
-
-
-def eval_rows(problems: list, tokenizer: Any, max_prompt_length: int) -> list[dict[str, str]]:
-    """Dataset rows (prompts, question, answer) whose prompt fits the rollout's prompt length."""
-    from tunix_sglang import data as data_lib
-
-    rows = data_lib.to_dataset_rows(problems, tokenizer)
-    kept = [r for r in rows if len(tokenizer.encode(r["prompts"])) <= max_prompt_length]
-    if not kept:
-        raise UserError(
-            f"every eval prompt is longer than --max-prompt-length {max_prompt_length}; raise it"
-        )
-    return kept
 
 
 def evaluate(
@@ -146,39 +95,9 @@ def evaluate(
     )
 
 
-def append_eval(out_dir: str | Path, step: int, result: EvalResult) -> Path:
-    """Append this evaluation to `<out_dir>/eval.jsonl` (the report plots it)."""
-    path = Path(out_dir) / EVAL_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(result.row(step)) + "\n")
-    return path
-
-
-def read_evals(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows of `<out_dir>/eval.jsonl` (a row cut by a kill is skipped)."""
-    path = Path(out_dir) / EVAL_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def truncate_evals(out_dir: str | Path, after_step: int) -> None:
-    """On resume: drop eval rows of steps that will be re-run (kept in eval.jsonl.rerun)."""
-    path = Path(out_dir) / EVAL_FILE
-    rows = read_evals(out_dir)
-    keep = [r for r in rows if r.get("step", 0) <= after_step]
-    drop = [r for r in rows if r.get("step", 0) > after_step]
-    if drop:
-        with path.with_suffix(".jsonl.rerun").open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in drop)
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+def record(out_dir: Path, step: int, result: EvalResult) -> None:
+    """Append this evaluation to the run's eval.jsonl (the report plots it)."""
+    run_files.append_eval(out_dir, result.row(step))
 
 
 def format_result(result: EvalResult, label: str = "eval") -> str:
@@ -204,6 +123,8 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--local-model-dir",
                      help="Hugging Face model directory (default: the embedded model)")
+    src.add_argument("--model", help="Hugging Face model id (ORG/NAME), fetched into the "
+                     "Hugging Face cache when the hub is reachable, the cached copy otherwise")
     src.add_argument("--run-dir", help="a `tunix-sglang train` output dir: its last checkpoint")
     p.add_argument("--data", default=None, help="synthetic or gsm8k (default: the run's, else "
                    "synthetic)")
@@ -213,6 +134,10 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
                    help=f"prompts per generate call (default {DEFAULT_EVAL_BATCH})")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="completion tokens (default: the run's, else TrainConfig's)")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="prompt tokens; longer prompts are skipped, counted (default: the "
+                   "run's, else " + ", ".join(f"{k} {v}" for k, v in PROMPT_LENGTH.items())
+                   + ")")
     p.add_argument("--rollout-engine", default=None, help="default: the run's, else vanilla")
     p.add_argument("--seed", type=int, default=None, help="synthetic split seed (default: run's)")
     p.add_argument("--json", default=None, help="also write the result (with samples) here")
@@ -225,98 +150,83 @@ def eval_config(args: argparse.Namespace):
 
     cfg = TrainConfig()
     if args.run_dir:
-        run = Path(args.run_dir)
-        cfg_path = run / "config.json"
-        if not cfg_path.is_file():
+        run = Path(args.run_dir).expanduser().resolve()  # Orbax wants an absolute path
+        saved = run_files.read_config(run)
+        if saved is None:
             raise UserError(f"--run-dir {run}: no config.json; pass a `tunix-sglang train` "
                             "--output-dir")
-        saved = json.loads(cfg_path.read_text())
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in field_names()})
         ckpt = run / "checkpoints" / "actor"
         if not (ckpt.is_dir() and any(ckpt.iterdir())):
             raise UserError(f"--run-dir {run}: no checkpoint under {ckpt}; train first")
-    elif args.local_model_dir:
-        cfg.local_model_dir = args.local_model_dir
+    else:
+        cfg.local_model_dir, cfg.model = args.local_model_dir, args.model
     for key in ("data", "data_path", "max_new_tokens", "rollout_engine", "seed"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
+    if args.max_prompt_length is not None:
+        cfg.max_prompt_length = args.max_prompt_length
+    elif not args.run_dir:
+        cfg.max_prompt_length = PROMPT_LENGTH.get(cfg.data, cfg.max_prompt_length)
     # Evaluation needs no reference model and must not touch the run's own files.
     cfg.beta, cfg.resume, cfg.num_generations = 0.0, False, 2
-    cfg.batch_size = 1
-    cfg.validate()
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    # The engine is built for one generate call's prompts; the 2 "generations" only satisfy
+    # GRPO's config and make the count split over 2, 4, 8... training devices.
+    cfg.batch_size = args.batch_size
+    cfg.validate()
     return cfg
 
 
 def restore_actor(cluster: Any, run_dir: Path) -> int:
     """Load the run's last actor checkpoint into the cluster and give it to the rollout."""
     from flax import nnx
-    from tunix.rl import utils as rl_utils
     from tunix.sft import checkpoint_manager
+
+    from tunix_sglang.rollout.base import engine_rollout
 
     manager = checkpoint_manager.CheckpointManager(str(run_dir / "checkpoints" / "actor"))
     actor = cluster.actor_trainer.model
     step, _ = manager.maybe_restore(actor)
     manager.close()
-    if not rl_utils.is_sharing_weights(actor, cluster.rollout.model()):
-        cluster.rollout.update_params(nnx.state(actor, nnx.Param), (nnx.Param,))
+    engine = engine_rollout(cluster)
+    if engine is not None:  # Tunix's own sampler is the actor: restored already
+        engine.update_params(nnx.state(actor, nnx.Param), (nnx.Param,))
     return step
 
 
 def run_eval(args: argparse.Namespace) -> tuple[EvalResult, int]:
     """Build the cluster as training does, restore if asked, evaluate; (result, step)."""
-    from tunix_sglang import models, runner
+    from tunix_sglang import hub, models
+    from tunix_sglang.rollout.base import engine_rollout
 
     cfg = eval_config(args)
-    problems = heldout_problems(cfg.data, cfg.data_path, cfg.seed, args.limit)
-    model_dir = cfg.local_model_dir or default_model_dir()
-    md = models.inspect_model_dir(model_dir)
-    runner.default_compilation_cache()
+    problems = data.heldout_problems(cfg.data, cfg.data_path, cfg.seed, args.limit)
+    md = models.inspect_model_dir(hub.model_dir(cfg.local_model_dir, cfg.model))
+    tunix_cluster.default_compilation_cache()
     tokenizer = models.load_tokenizer(md)
-    rows = eval_rows(problems, tokenizer, cfg.max_prompt_length)
+    rows = data.prompt_rows(problems, tokenizer, cfg.max_prompt_length, "held-out")
     with tempfile.TemporaryDirectory(prefix="tunix-sglang-eval-") as tmp:
         cfg.output_dir = tmp  # the cluster's own checkpoints/tensorboard go to scratch
-        cfg.local_model_dir = str(md.path)
-        cluster = build_eval_cluster(cfg, md, tokenizer)
+        cfg.local_model_dir, cfg.model = str(md.path), None
+        cluster, _ = tunix_cluster.build_cluster(cfg, md, tokenizer)
+        engine = engine_rollout(cluster)
         try:
-            step = restore_actor(cluster, Path(args.run_dir)) if args.run_dir else 0
+            run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else None
+            step = restore_actor(cluster, run_dir) if run_dir else 0
             result = evaluate(cluster, rows, cfg.max_new_tokens, args.batch_size)
         finally:
-            close = getattr(cluster.rollout, "close", None)
-            if close:
-                close()
+            if engine is not None:
+                engine.close()
     return result, step
-
-
-def build_eval_cluster(cfg: Any, md: Any, tokenizer: Any) -> Any:
-    """runner.build_cluster, with the greedy EVAL rollout config added if the runner lacks it."""
-    from tunix.rl.rl_cluster import Mode
-
-    from tunix_sglang import runner
-
-    cluster, _ = runner.build_cluster(cfg, md, tokenizer)
-    cc = cluster.cluster_config
-    # Tunix reads cluster_config.rollout_config[mode] on every generate call, so adding the
-    # EVAL entry after construction is enough (ClusterConfig is a frozen dataclass).
-    if not isinstance(cc.rollout_config, dict):
-        object.__setattr__(cc, "rollout_config", rollout_configs(cc.rollout_config))
-    elif Mode.EVAL not in cc.rollout_config:
-        cc.rollout_config[Mode.EVAL] = eval_rollout_config(cc.rollout_config[Mode.TRAIN])
-    return cluster
-
-
-def default_model_dir() -> Path:
-    """The embedded default model: the warm-started tiny model (see warmstart.py)."""
-    from tunix_sglang.warmstart import embedded_model_dir
-
-    return embedded_model_dir()
 
 
 def eval_main(args: argparse.Namespace) -> int:
     """`tunix-sglang eval`: prints strict/lenient accuracy; `--json` writes the full result."""
     result, step = run_eval(args)
-    where = f"{args.run_dir} step {step}" if args.run_dir else (args.local_model_dir or "default")
+    where = (f"{args.run_dir} step {step}" if args.run_dir
+             else (args.local_model_dir or args.model or "default"))
     print(format_result(result, f"eval [{where}]"), flush=True)
     if args.json:
         out = dataclasses.asdict(result) | {"step": step, "source": where}
@@ -324,9 +234,3 @@ def eval_main(args: argparse.Namespace) -> int:
                for k, v in out.items()}
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
-
-
-if __name__ == "__main__":  # handy for debugging: python -m tunix_sglang.evaluate ...
-    parser = argparse.ArgumentParser(prog="tunix-sglang")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    sys.exit(eval_main(parser.parse_args()))

@@ -15,7 +15,22 @@ from tunix_sglang.errors import UserError
 ENV = "TUNIX_SGLANG_INJECT_FAULT"
 
 # name -> what it does (shown in the error for an unknown name; the README lists them).
-KNOWN: dict[str, str] = {}
+# For the weight-sync faults N is the weight version the sync was to produce (the trainer's
+# optimizer steps: `@3` faults the sync after step 3); the sync proof must stop the run there.
+KNOWN: dict[str, str] = {
+    "server_engine_death": "rollout server: the engine's scheduler thread dies on the N-th "
+                           "generate (of the first launched server's first start only)",
+    "skip_sync": "a weight sync writes nothing: the rollout engines keep their old weights",
+    "partial_sync": "a weight sync leaves one engine parameter unwritten (the largest it "
+                    "changes)",
+    "stale_server": "a rollout server acknowledges a push without applying it (with "
+                    "--launch-servers: the first launched server's first start only)",
+    "host_skip": "multi-host host_local: the last process's engine is not written",
+    "stale_forward": "the engine's buffers get the new weights but its forward keeps "
+                     "reading the old ones",
+}
+# Faults meant for one rollout server, not all (see `for_server`).
+ONE_SERVER = ("server_engine_death", "stale_server")
 
 
 def _parse(raw: str) -> dict[str, int | None]:
@@ -48,3 +63,20 @@ def injected(name: str, at: int | None = None) -> bool:
         return False
     want = faults[name]
     return want is None or at is None or want == at
+
+
+def for_server(env: dict[str, str], armed: bool) -> dict[str, str]:
+    """The environment for a rollout server the controller launches.
+
+    Servers inherit the controller's environment; a server fault is meant for one server
+    once (the first launched one's first start), so every other launch gets the variable
+    without the `ONE_SERVER` names.
+    """
+    if armed or ENV not in env:
+        return dict(env)
+    kept = [p for p in env[ENV].split(",") if p.strip() and
+            p.strip().partition("@")[0] not in ONE_SERVER]
+    out = {k: v for k, v in env.items() if k != ENV}
+    if kept:
+        out[ENV] = ",".join(kept)
+    return out

@@ -16,8 +16,8 @@ import sys
 import threading
 import time
 
-from tunix_sglang.cluster import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from tunix_sglang.errors import UserError
+from tunix_sglang.topology import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
 
 def add_launch_parser(sub) -> None:
@@ -62,7 +62,7 @@ def prebuild_embedded_model(rest: list[str]) -> None:
     Skipped when the command names its own model (or a config file that may).
     """
     if rest[0] not in ("train", "eval", "serve") or any(
-        a.startswith(("--local-model-dir", "--config")) for a in rest
+        a.startswith(("--local-model-dir", "--model", "--config")) for a in rest
     ):
         return
     code = "from tunix_sglang.warmstart import embedded_model_dir; embedded_model_dir()"

@@ -7,9 +7,12 @@ activations are an estimate and are labelled so.
 How the pieces are placed (Tunix 0.1.7 `RLCluster`, sglang-jax 0.0.2 `ModelRunner`):
 - actor and reference weights are on the training devices *before* the rollout starts;
 - sglang-jax measures `A0` = free memory (min over all local devices) before loading its own
-  weight copy, then gives its KV pool `mem_fraction * A0 - engine_weights`; whatever is left,
+  weight copy, then gives its KV pool `mem_fraction * A0 - engine_weights`, capped at the
+  `max_total_tokens` the run passes (`EngineSettings`); whatever is left,
   `(1 - mem_fraction) * A0`, must hold the optimizer state (created after the engine),
   gradients and activations;
+- the engine shards its weights and KV heads over its tensor axis only (`tp_size`); with
+  tp_size 1 every engine device holds a whole copy (the data axis splits no dense layer);
 - the vanilla rollout shares the actor's buffers when it runs on the same mesh and allocates
   a KV cache of `batch x kv_cache_size` tokens.
 """
@@ -29,8 +32,8 @@ ADAM_MOMENTS = 2
 OPTIMIZER_SCALAR_BYTES = 4 + 4
 # Extra tokens Tunix's vanilla sampler adds to the cache (runner: prompt + new + 16).
 VANILLA_KV_SLACK = 16
-# sglang-jax pads its pool by one page; the project runs it with page_size 1 on CPU.
-SGLANG_PAGE_SIZE = 1
+# Parts that live on the rollout's devices (the rest on the trainer's).
+ROLLOUT_PARTS = ("rollout weights", "KV cache")
 # Never advise a fraction above this: the engine also needs room for its sampler and buffers.
 MAX_SAFE_FRACTION = 0.95
 
@@ -101,10 +104,15 @@ class PlanInputs:
     dtype: str = "float32"
     beta: float = 0.04
     rollout_devices: int = 0
+    # The in-process engine as EngineSettings builds it (plan.py fills these in):
+    engine_tp_size: int = 1
+    engine_page_size: int = 1  # its pool is aligned to pages and padded by one
+    engine_max_total_tokens: int | None = None  # its KV cap; None: this step's tokens
 
     @classmethod
-    def from_config(cls, cfg: Any) -> PlanInputs:
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+    def from_config(cls, cfg: Any, **engine: Any) -> PlanInputs:
+        names = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("engine_")]
+        return cls(**{n: getattr(cfg, n) for n in names}, **engine)
 
     @property
     def sequences(self) -> int:
@@ -136,15 +144,23 @@ class MemoryPlan:
     problems: list[str]
     advice: list[str]
     inputs: PlanInputs
+    pooled: bool = True  # trainer and rollout share each device's memory
 
     @property
     def total(self) -> int:
         return sum(self.parts.values())
 
+    def side_totals(self) -> tuple[int, int]:
+        """(training device, rollout device) bytes when they are different devices."""
+        roll = sum(b for n, b in self.parts.items() if n.startswith(ROLLOUT_PARTS))
+        return self.total - roll, roll
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["estimates"] = list(self.estimates)
         d["total"] = self.total
+        if not self.pooled:
+            d["training_device_total"], d["rollout_device_total"] = self.side_totals()
         return d
 
     def format(self) -> str:
@@ -155,7 +171,12 @@ class MemoryPlan:
         for name, b in self.parts.items():
             mark = " (estimate)" if name in self.estimates else ""
             lines.append(f"  {name:<34} {gib(b):>12}{mark}")
-        lines.append(f"  {'total':<34} {gib(self.total):>12}")
+        if self.pooled:
+            lines.append(f"  {'total':<34} {gib(self.total):>12}")
+        else:
+            train, roll = self.side_totals()
+            lines.append(f"  {'total on a training device':<34} {gib(train):>12}")
+            lines.append(f"  {'total on a rollout device':<34} {gib(roll):>12}")
         lines.append(
             f"  KV tokens needed per step: {self.required_tokens} "
             f"({self.kv_bytes_per_token} bytes/token)"
@@ -176,7 +197,7 @@ def gib(n: float) -> str:
 
 
 def _split_devices(inputs: PlanInputs, num_devices: int) -> tuple[int, int, bool]:
-    """(training devices, rollout devices, shared) as runner.build_meshes places them."""
+    """(training devices, rollout devices, shared) as tunix_cluster.build_meshes places them."""
     n_roll = inputs.rollout_devices
     if n_roll in (0, num_devices):
         return num_devices, num_devices, True
@@ -199,7 +220,7 @@ def _evaluate(
     remote = engine == "sglang_jax_remote"
 
     # sglang-jax shards KV heads over its tensor axis, replicating them when tp > kv heads.
-    tp = n_roll
+    tp = inputs.engine_tp_size
     kv_heads_dev = max(1, math.ceil(shape.num_kv_heads / tp)) if sglang else shape.num_kv_heads
     kv_tok = shape.kv_bytes_per_token(dbytes, kv_heads_dev)
     if not sglang:
@@ -212,7 +233,7 @@ def _evaluate(
     resident = sum(parts.values())  # on device when the rollout starts
     engine_w = 0
     if sglang and not remote:
-        engine_w = math.ceil(weights / n_roll)
+        engine_w = math.ceil(weights / tp)
         parts["rollout weights (sglang-jax copy)"] = engine_w
     elif engine == "vanilla" and not shared:
         engine_w = math.ceil(weights / n_roll)
@@ -222,7 +243,10 @@ def _evaluate(
     parts["gradients"] = grads
     parts["optimizer state (AdamW mu, nu)"] = opt
     # Training forward/backward without remat: saved per-layer activations, attention
-    # probabilities (float32) and float32 logits with their gradient. An estimate.
+    # probabilities (float32) and float32 logits with their gradient. An estimate, and not a
+    # generous one: XLA's CPU buffer assignment for this gradient at Qwen3-4B's widths
+    # (float32, 2 x 768 tokens; bench/memory_plan_check.py) takes 0.62 GiB per layer where
+    # this gives 0.40, and 1.84 GiB for the logits where this gives 1.74. No TPU measurement.
     per_dev_tokens = math.ceil(tokens / n_train)
     act = per_dev_tokens * shape.num_layers * (
         6 * shape.hidden_size + 3 * shape.intermediate_size) * dbytes
@@ -244,7 +268,9 @@ def _evaluate(
     max_tokens = None
     fraction_problem = None
     if sglang and not remote:
-        kv_need = (tokens + SGLANG_PAGE_SIZE) * kv_tok
+        page = inputs.engine_page_size
+        cap = inputs.engine_max_total_tokens or tokens
+        kv_need = (cap // page * page + page) * kv_tok  # the pool the engine will allocate
         parts["KV cache (sglang-jax pool, needed)"] = kv_need
         a0 = device_memory - resident  # what sglang-jax measures before loading its weights
         if a0 > 0:
@@ -259,7 +285,7 @@ def _evaluate(
                     problems.append("training devices cannot hold gradients, optimizer state "
                                     "and activations")
             f_max = max(0.0, math.floor(f_max * 100) / 100)
-            max_tokens = max(0, int((f_max * a0 - engine_w) // kv_tok) - SGLANG_PAGE_SIZE)
+            max_tokens = max(0, int((f_max * a0 - engine_w) // kv_tok) - page)
             frac = inputs.sglang_mem_fraction_static
             if f_min > f_max:
                 problems.append(
@@ -290,6 +316,7 @@ def _evaluate(
         kv_bytes_per_token=kv_tok, static_fits=static_fits, feasible=feasible, fits=fits,
         mem_fraction_min=None if f_min is None else round(f_min, 4), mem_fraction_max=f_max,
         max_total_tokens=max_tokens, problems=problems, advice=[], inputs=inputs,
+        pooled=pooled or remote,
     )
 
 

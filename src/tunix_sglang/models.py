@@ -14,6 +14,7 @@ from typing import Any
 
 from tunix_sglang.errors import UserError
 
+SHARD_INDEX = "model.safetensors.index.json"
 # model_type -> (Tunix package, model class name)
 ARCHITECTURES = {
     "qwen3": ("tunix.models.qwen3", "Qwen3"),
@@ -55,6 +56,10 @@ def inspect_model_dir(path: str | Path) -> ModelDir:
         )
     if not list(p.glob("*.safetensors")):
         raise UserError(f"--local-model-dir {p}: no *.safetensors weights; {fix}")
+    missing = missing_weight_files(p)
+    if missing:
+        raise UserError(f"--local-model-dir {p}: {len(missing)} weight files its "
+                        f"{SHARD_INDEX} lists are missing (first: {missing[0]}); {fix}")
     if not ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
         raise UserError(f"--local-model-dir {p}: no tokenizer files; {fix}")
     missing = [
@@ -65,6 +70,19 @@ def inspect_model_dir(path: str | Path) -> ModelDir:
     if missing:
         raise UserError(f"{cfg_path}: missing fields {missing}; {fix}")
     return ModelDir(p, cfg)
+
+
+def missing_weight_files(path: Path) -> list[str]:
+    """Shards a sharded checkpoint's index names that are not in `path` (an interrupted copy
+    or download: Tunix's loader would leave their parameters unset and fail much later)."""
+    index = path / SHARD_INDEX
+    if not index.is_file():
+        return []
+    try:
+        files = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [SHARD_INDEX + " (unreadable)"]
+    return sorted(f for f in files if not (path / f).is_file())
 
 
 def tunix_model_config(md: ModelDir, dtype: str = "float32"):
@@ -108,6 +126,19 @@ def load_model(md: ModelDir, mesh, dtype: str = "float32"):
     return params.create_model_from_safe_tensors(
         str(md.path), cfg, mesh=mesh, dtype=getattr(jnp, dtype)
     )
+
+
+def abstract_params(md: ModelDir, dtype: str = "float32"):
+    """The Tunix model's parameters as shapes only (nnx.State of ShapeDtypeStruct)."""
+    from flax import nnx
+
+    from tunix_sglang import compat
+
+    compat.apply_all()
+    pkg, cls = ARCHITECTURES[md.model_type]
+    model_cls = getattr(importlib.import_module(pkg + ".model"), cls)
+    cfg = tunix_model_config(md, dtype)
+    return nnx.state(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(params=0))), nnx.Param)
 
 
 def load_tokenizer(md: ModelDir):

@@ -3,12 +3,9 @@
 One self-contained file: the plots are PNGs (matplotlib, Agg backend) embedded as base64 data
 URIs, no scripts and no external resources, so it opens anywhere without a network.
 
-Inputs, all in the run's output directory:
-- `metrics.jsonl`: one JSON object per step (written by the runner; required);
-- `eval.jsonl`: `{"step", "n", "strict_acc", "lenient_acc", "reward_mean"}` per evaluation
-  (`evaluate.append_eval`; step 0 is the model before training);
-- `config.json` (the run's TrainConfig), `environment.json` (`write_environment`, optional:
-  without it the report shows the environment it is generated in), `tensorboard/` (listed).
+Inputs, all in the run's output directory (`run_files`): `metrics.jsonl` (required),
+`eval.jsonl`, `config.json`, `environment.json` (without it the report shows the environment
+it is generated in), `tensorboard/` (listed).
 """
 
 from __future__ import annotations
@@ -17,81 +14,14 @@ import argparse
 import base64
 import html
 import io
-import json
 import math
-import platform
 from pathlib import Path
 from typing import Any
 
+from tunix_sglang import run_files
 from tunix_sglang.errors import UserError
 
 REPORT_FILE = "report.html"
-ENV_FILE = "environment.json"
-_PACKAGES = ("jax", "jaxlib", "flax", "google-tunix", "sglang-jax", "optax", "numpy",
-             "transformers", "matplotlib", "tunix-sglang")
-
-
-# ------------------------------------------------------------------------------ inputs
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a line cut by a kill is skipped, not fatal."""
-    rows = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def load_metrics(out_dir: Path) -> list[dict[str, Any]]:
-    path = out_dir / "metrics.jsonl"
-    if not out_dir.is_dir():
-        raise UserError(f"{out_dir} is not a directory; pass the --output-dir of a training run")
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass the --output-dir of a training run "
-                        "(it writes metrics.jsonl)")
-    rows = [r for r in read_jsonl(path) if isinstance(r.get("step"), int | float)]
-    if not rows:
-        raise UserError(f"{path} has no step rows; let the run finish at least one step")
-    # The last row of a step wins (a resumed run may have re-run it).
-    by_step = {int(r["step"]): r for r in rows}
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def environment() -> dict[str, Any]:
-    """Versions of Python and the stack, JAX's backend and devices."""
-    from importlib import metadata
-
-    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in _PACKAGES:
-        try:
-            env[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            env[pkg] = "not installed"
-    try:
-        import jax
-
-        devices = jax.devices()
-        env["backend"] = jax.default_backend()
-        env["devices"] = f"{len(devices)} x {devices[0].device_kind}" if devices else "none"
-        env["process_count"] = jax.process_count()
-    except Exception as e:  # a broken accelerator set-up must not cost the report
-        env["backend"] = f"unavailable ({type(e).__name__})"
-    return env
-
-
-def write_environment(out_dir: str | Path) -> Path:
-    """Record the training environment beside metrics.jsonl (call once per run)."""
-    path = Path(out_dir) / ENV_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(environment(), indent=2))
-    return path
 
 
 # ------------------------------------------------------------------------------- plots
@@ -176,6 +106,25 @@ def plot_single(rows: list[dict[str, Any]], key: str, title: str, ylabel: str,
     return _png(fig)
 
 
+def plot_mismatch(rows: list[dict[str, Any]]) -> str:
+    """Trainer vs engine logprobs of the rollout's own tokens, per step."""
+    fig, ax = _figure("Train-inference mismatch on the rollout tokens", "nats (log scale)")
+    drawn = False
+    for key, color, label in (("mismatch_kl", "#17becf", "mean k3 KL(engine || trainer)"),
+                              ("mismatch_max_abs", "#bcbd22", "max |Δ logprob|")):
+        xs, ys = _series(rows, key)
+        if xs:
+            ax.plot(xs, ys, marker="o", ms=3, color=color, label=label)
+            drawn = True
+    if drawn:
+        ax.set_yscale("symlog", linthresh=1e-12)
+        ax.legend(loc="best", fontsize=8)
+    else:
+        _no_data(ax, "no mismatch figures (the rollout returns no logprobs, or shares the "
+                     "trainer's model)")
+    return _png(fig)
+
+
 def plot_eval(evals: list[dict[str, Any]]) -> str:
     fig, ax = _figure("Held-out accuracy (greedy pass@1)", "accuracy")
     if evals:
@@ -218,8 +167,10 @@ def plots(rows: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[tuple
                                           "Mean completion length", "tokens", "#8c564b")),
         ("Time per step", plot_times(rows)),
         ("Weight sync", plot_single(rows, "sync_max_logprob_diff",
-                                    "Weight sync proof: max |Δ logprob| engine vs trainer",
-                                    "max |Δ logprob|", "#e377c2", log=True)),
+                                    "Weight sync proof: max |Δ logprob| on the probe's top-16 "
+                                    "tokens, engine vs trainer", "max |Δ logprob|", "#e377c2",
+                                    log=True)),
+        ("Train-inference mismatch", plot_mismatch(rows)),
     ]
 
 
@@ -264,10 +215,15 @@ def summary(rows: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[tup
         out.append((f"mean {key}", _mean(rows, key)))
     total = sum(float(r.get("step_sec") or 0.0) for r in rows)
     out.append(("total step time (s)", total))
-    diffs = [r.get("sync_max_logprob_diff") for r in rows
-             if isinstance(r.get("sync_max_logprob_diff"), int | float)]
-    if diffs:
-        out.append(("max sync |Δ logprob| over the run", max(diffs)))
+    checks = sorted({str(r.get("sync_check")) for r in rows if r.get("sync_check")})
+    if checks:
+        out.append(("weight sync proof", ", ".join(checks)))
+    for key, label in (("sync_max_logprob_diff", "max sync proof |Δ logprob| over the run"),
+                       ("mismatch_kl", "max mismatch_kl (rollout tokens)"),
+                       ("mismatch_max_abs", "max mismatch_max_abs (rollout tokens)")):
+        vals = [r[key] for r in rows if isinstance(r.get(key), int | float)]
+        if vals:
+            out.append((label, max(vals)))
     return out
 
 
@@ -321,22 +277,16 @@ def render_html(out_dir: Path, rows: list[dict[str, Any]], evals: list[dict[str,
 
 def write_report(out_dir: str | Path) -> Path:
     """Write `<out_dir>/report.html` from the run's files; returns its path."""
-    from tunix_sglang.evaluate import read_evals
-
     out = Path(out_dir)
-    rows = load_metrics(out)
-    evals = sorted(read_evals(out), key=lambda e: e.get("step", 0))
-    config = None
-    if (out / "config.json").is_file():
-        try:
-            config = json.loads((out / "config.json").read_text())
-        except json.JSONDecodeError:
-            config = {"config.json": "unreadable"}
-    env_path = out / ENV_FILE
-    if env_path.is_file():
-        env, source = json.loads(env_path.read_text()), "recorded by the run"
-    else:
-        env, source = environment(), "where this report was generated"
+    rows = run_files.load_metrics(out)
+    evals = run_files.read_evals(out)
+    try:
+        config = run_files.read_config(out)
+    except UserError:
+        config = {"config.json": "unreadable"}
+    env, source = run_files.read_environment(out), "recorded by the run"
+    if env is None:
+        env, source = run_files.environment(), "where this report was generated"
     path = out / REPORT_FILE
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(render_html(out, rows, evals, config, env, source), encoding="utf-8")

@@ -1,150 +1,19 @@
-"""`tunix-sglang train`: builds the models, data, Tunix cluster and rollout, then runs steps."""
+"""`tunix-sglang train`: checks, loads, builds the Tunix cluster, runs the step loop, evaluates
+before and after, and writes the report."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-import numpy as np
-
-from tunix_sglang import cluster as cluster_lib
-from tunix_sglang.cluster import Topology
+from tunix_sglang import faults, run_files, topology
 from tunix_sglang.config import TrainConfig
+from tunix_sglang.data import Batches
 from tunix_sglang.errors import UserError
-
-
-def default_compilation_cache() -> None:
-    """A persistent JAX compilation cache unless the user chose one (restarts skip compiles)."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    import jax
-
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "tunix-sglang", "jax"))
-
-
-@dataclasses.dataclass
-class Batches:
-    """Deterministic batches: the rows of step s depend only on (seed, s), so resume is exact."""
-
-    rows: list[dict[str, Any]]
-    batch_size: int
-    seed: int
-
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        n = len(self.rows)
-        start = (step - 1) * self.batch_size
-        picked = []
-        for i in range(start, start + self.batch_size):
-            epoch, pos = divmod(i, n)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
-            picked.append(self.rows[order[pos]])
-        # Tunix needs numpy arrays, not lists of str (lists are split per character).
-        return {k: np.array([r[k] for r in picked]) for k in picked[0]}
-
-
-def load_problems(cfg: TrainConfig):
-    from tunix_sglang import data
-
-    if cfg.data == "synthetic":
-        train, _ = data.synthetic_split(n_train=2000, n_test=200, seed=cfg.seed)
-        return train
-    return data.load_gsm8k(cfg.data_path, split="train")
-
-
-def fit_prompts(rows: list[dict[str, Any]], tokenizer, max_len: int, console_line) -> list:
-    """Drop prompts longer than --max-prompt-length (Tunix would silently grow the cache)."""
-    kept = [r for r in rows if len(tokenizer.encode(r["prompts"])) <= max_len]
-    if not kept:
-        raise UserError(
-            f"every prompt is longer than --max-prompt-length {max_len} tokens; raise it"
-        )
-    if len(kept) < len(rows):
-        console_line(f"skipped {len(rows) - len(kept)} of {len(rows)} prompts longer than "
-                     f"--max-prompt-length {max_len}")
-    return kept
-
-
-def build_meshes(cfg: TrainConfig):
-    """Actor/reference on the training devices, rollout on the first N (or all, shared)."""
-    import jax
-
-    devices = jax.devices()
-    cfg.validate_devices(len(devices))
-    n_roll = cfg.rollout_devices
-    if n_roll in (0, len(devices)):
-        train_devs = roll_devs = devices
-    else:
-        roll_devs, train_devs = devices[:n_roll], devices[n_roll:]
-    axis = (jax.sharding.AxisType.Auto,) * 2
-
-    def mesh(devs):
-        return jax.sharding.Mesh(np.array(devs).reshape(len(devs), 1), ("fsdp", "tp"),
-                                 axis_types=axis)
-
-    train_mesh = mesh(train_devs)
-    return train_mesh, (train_mesh if roll_devs is train_devs else mesh(roll_devs))
-
-
-def build_cluster(cfg: TrainConfig, md, tokenizer):
-    """Tunix RLCluster + GRPO config for this run (restores the last checkpoint if resuming)."""
-    import optax
-    import orbax.checkpoint as ocp
-    from tunix.rl import rl_cluster as rl
-    from tunix.rl.grpo.grpo_learner import GRPOConfig, GRPOLearner
-    from tunix.rl.rollout import base_rollout
-    from tunix.sft import metrics_logger
-
-    from tunix_sglang import models, rewards, rollout
-
-    train_mesh, rollout_mesh = build_meshes(cfg)
-    actor = models.load_model(md, train_mesh, cfg.dtype)
-    reference = models.load_model(md, train_mesh, cfg.dtype) if cfg.beta else None
-    out = cfg.output_path
-    training_config = rl.RLTrainingConfig(
-        actor_optimizer=optax.adamw(cfg.learning_rate, b1=0.9, b2=0.99, weight_decay=0.1),
-        eval_every_n_steps=10**9,
-        max_steps=None,  # the step loop is ours; Tunix's own bar would duplicate the console
-        checkpoint_root_directory=str(out / "checkpoints"),
-        checkpointing_options=ocp.CheckpointManagerOptions(
-            save_interval_steps=cfg.checkpoint_every, max_to_keep=3
-        ),
-        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
-            log_dir=str(out / "tensorboard"), flush_every_n_steps=1
-        ),
-    )
-    eos = tokenizer.eos_token_id
-    rollout_config = base_rollout.RolloutConfig(
-        max_tokens_to_generate=cfg.max_new_tokens,
-        max_prompt_length=cfg.max_prompt_length,
-        kv_cache_size=cfg.max_prompt_length + cfg.max_new_tokens + 16,
-        temperature=cfg.temperature,
-        top_p=1.0,
-        top_k=None,
-        eos_tokens=[eos],
-        rollout_sglang_jax_mem_fraction_static=cfg.sglang_mem_fraction_static,
-    )
-    from tunix_sglang import evaluate
-
-    cluster_config = rl.ClusterConfig(
-        role_to_mesh={rl.Role.ACTOR: train_mesh, rl.Role.REFERENCE: train_mesh,
-                      rl.Role.ROLLOUT: rollout_mesh},
-        rollout_engine=rollout.engine_for(cfg, md),
-        training_config=training_config,
-        rollout_config=evaluate.rollout_configs(rollout_config),  # TRAIN samples, EVAL greedy
-    )
-    cluster = rl.RLCluster(actor=actor, reference=reference, tokenizer=tokenizer,
-                           cluster_config=cluster_config)
-    algo = GRPOConfig(num_generations=cfg.num_generations, num_iterations=1, beta=cfg.beta,
-                      epsilon=cfg.epsilon)
-    # The learner wires Tunix's GRPO loss into the actor trainer; its loop is not used.
-    GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=rewards.DEFAULT_REWARD_FNS)
-    return cluster, algo
+from tunix_sglang.topology import Topology
 
 
 def check_resume(cfg: TrainConfig) -> None:
@@ -172,25 +41,53 @@ def prepare(cfg: TrainConfig, topo: Topology | None) -> RunInputs:
     """Bad input and blocking environment problems fail here, before any model loads."""
     import jax
 
-    from tunix_sglang import data, evaluate, models
+    from tunix_sglang import data, hub, models, tunix_cluster
     from tunix_sglang.doctor import check_before_train
-    from tunix_sglang.warmstart import embedded_model_dir
 
     check_resume(cfg)
-    cluster_lib.initialize(topo or Topology())
+    faults.active()  # a misspelt TUNIX_SGLANG_INJECT_FAULT stops here, not mid-run
+    topology.initialize(topo or Topology())
     check_before_train(cfg)  # TPU generation, TPU lock, Pathways, memory
     cfg.validate_devices(len(jax.devices()))
-    md = models.inspect_model_dir(cfg.local_model_dir or embedded_model_dir())
-    problems = load_problems(cfg)
-    default_compilation_cache()
+    md = models.inspect_model_dir(hub.model_dir(cfg.local_model_dir, cfg.model))
+    problems = data.train_problems(cfg.data, cfg.data_path, cfg.seed)
+    tunix_cluster.default_compilation_cache()
     tokenizer = models.load_tokenizer(md)
-    rows = fit_prompts(data.to_dataset_rows(problems, tokenizer), tokenizer,
-                       cfg.max_prompt_length, print)
+    rows = data.prompt_rows(problems, tokenizer, cfg.max_prompt_length, "training")
     eval_rows: list[dict[str, Any]] = []
     if cfg.eval_limit:
-        held_out = evaluate.heldout_problems(cfg.data, cfg.data_path, cfg.seed, cfg.eval_limit)
-        eval_rows = evaluate.eval_rows(held_out, tokenizer, cfg.max_prompt_length)
+        held_out = data.heldout_problems(cfg.data, cfg.data_path, cfg.seed, cfg.eval_limit)
+        eval_rows = data.prompt_rows(held_out, tokenizer, cfg.max_prompt_length, "held-out")
     return RunInputs(md, tokenizer, Batches(rows, cfg.batch_size, cfg.seed), eval_rows)
+
+
+class Console:
+    """The run's console: a progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, total: int, initial: int, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, file=self.stream, unit="step",
+                            dynamic_ncols=True, disable=False)
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def step(self, row: dict[str, Any]) -> None:
+        self.line(f"Train step {row['step']} training loss: {row['loss']:.6f}")
+        if self.bar is not None:
+            self.bar.set_postfix(reward=f"{row['reward_mean']:.2f}", loss=f"{row['loss']:.4f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
@@ -198,30 +95,29 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     import jax
 
-    from tunix_sglang import evaluate, grpo_step, report, rewards
-    from tunix_sglang.metrics import Console, MetricsWriter
+    from tunix_sglang import evaluate, grpo_step, report, rewards, tunix_cluster
+    from tunix_sglang.rollout.base import engine_rollout
 
     inputs = prepare(cfg, topo)
-    cluster, algo = build_cluster(cfg, inputs.md, inputs.tokenizer)
+    cluster, algo = tunix_cluster.build_cluster(cfg, inputs.md, inputs.tokenizer)
     start = cluster.actor_trainer.train_steps  # > 0 when restored from a checkpoint
     cluster.global_steps = start
     ctx = grpo_step.StepContext(
         cluster=cluster, algo=algo, reward_fns=list(rewards.DEFAULT_REWARD_FNS), seed=cfg.seed,
         sync_check_threshold=cfg.sync_check_threshold,
-        vocab_size=inputs.md.hf_config["vocab_size"], weight_version=start,
     )
-    out = cfg.output_path
+    out: Path = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)
-    primary = jax.process_index() == 0
-    if primary:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        report.write_environment(out)
-        if cfg.resume:
-            evaluate.truncate_evals(out, start)
-    # Every process records its own view (losses and sync proofs must agree across hosts).
     pid = jax.process_index()
-    metrics_name = "metrics.jsonl" if primary else f"metrics.process{pid}.jsonl"
-    writer = MetricsWriter(out / metrics_name, resume_from_step=start if cfg.resume else None)
+    primary = pid == 0
+    if primary:
+        run_files.write_config(out, cfg)
+        run_files.write_environment(out)
+        if cfg.resume:
+            run_files.truncate_after(out / run_files.EVAL_FILE, start)
+    # Every process records its own view (losses and sync proofs must agree across hosts).
+    writer = run_files.MetricsWriter(run_files.metrics_path(out, pid),
+                                     resume_from_step=start if cfg.resume else None)
     console = Console(total=cfg.steps, initial=min(start, cfg.steps))
     console.line(f"Run directory: {out}")
     if start:
@@ -233,7 +129,7 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
             return None
         res = evaluate.evaluate(cluster, inputs.eval_rows, cfg.max_new_tokens)
         if primary:
-            evaluate.append_eval(out, step, res)
+            evaluate.record(out, step, res)
         console.line(evaluate.format_result(res, label))
         return res
 
@@ -243,7 +139,7 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
     try:
         before = run_eval(start, f"eval at step {start}")
         for step in range(start + 1, cfg.steps + 1):
-            cluster_lib.step_barrier(f"step{step}")
+            topology.step_barrier(f"step{step}")
             last = grpo_step.run_step(ctx, inputs.batches.batch(step), step).row()
             writer.write(last)
             console.step(last)
@@ -263,9 +159,9 @@ def train(cfg: TrainConfig, topo: Topology | None = None) -> dict[str, Any]:
                 raise
             print(f"warning: final checkpoint not written: {str(e)[:200]}", file=sys.stderr)
         finally:
-            close = getattr(cluster.rollout, "close", None)
-            if close:
-                close()
+            engine = engine_rollout(cluster)
+            if engine is not None:
+                engine.close()
     if before is not None:
         print(evaluate.summary_line(before, after), flush=True)
     if primary:

@@ -9,23 +9,26 @@ rollout uses, and adds what a single controller needs:
   PUT  /weights/uploads/{id}/chunks/{i} raw bytes of chunk i (checked against its CRC32)
   POST /weights/uploads/{id}/commit    apply the complete set atomically -> new version
   DELETE /weights/uploads/{id}         drop an upload
-  POST /weights/load                   apply a Tunix-named .safetensors file or an HF model dir
-  GET  /version, /health, /info        state (no token needed)
-  POST /pause, /resume, /flush         control
-  GET  /openapi.json, /docs            the schema
+  POST /weights/load                   a Tunix-named .safetensors file or HF model dir under
+                                       --weights-root (the route is off without it)
+  POST /probe                          the sync proof: fingerprints and next-token logits
+  GET  /version, /health (no token), /info; POST /pause, /resume, /flush; GET /openapi.json
 
-Weights start as the model directory's (`--init-weights model`, the default) or random
-(`--init-weights dummy`), at version 0. Versions are set by the pusher (the controller's
-step count); a push older than the current version is refused (409).
+Weights start as the model directory's (`--init-weights model`) or random (`dummy`), at
+version 0. Versions (0..2**63-1, set by the pusher: the trainer's optimizer steps) strictly
+increase: an older one, or the current one with other weights, is refused (409) (the first
+push may take the start weights' version); the same weights at the same version (a retried
+commit) answer 200 without being applied again. A commit answers with the engine's own
+fingerprints of what it now holds (tunix_sglang.probe). Generation and weight application
+take one lock, so a batch is computed with one weight version, returned with it;
+`expected_version` makes a server on another version refuse the work (409).
 
-Generation and weight application take one lock, so a batch is computed entirely with one
-weight version, which is returned with it. `expected_version` in a generate request makes a
-server on another version refuse the work (409) instead of producing off-policy samples.
-
-Security: binds 127.0.0.1 by default; a non-loopback --host needs --token (or
-TUNIX_SGLANG_SERVER_TOKEN). With a token set, every route that computes or changes state
-(generate, weights, pause/resume/flush) needs `Authorization: Bearer TOKEN`. Request bodies
-are bounded (chunks by the chunk size, uploads by --max-upload-bytes, others by 32 MiB).
+Accepted: request fields the engine can take (server_requests) and weights that are exactly
+the model's Tunix parameters, shapes and dtype, finite and sane (weights_check); a chunk is
+stored only once its CRC32 matches, and commit checks them all again (weights_wire). If the
+engine's scheduler thread dies, /health says so (503) and the process exits with status 3 at
+once, so whoever launched it restarts it. Who may call, body bounds, one-line JSON errors:
+server_guard (loopback bind by default; beyond it a token is required).
 """
 
 from __future__ import annotations
@@ -33,9 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import hmac
-import ipaddress
-import json
 import logging
 import os
 import socket
@@ -44,45 +44,55 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+import numpy as np
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
 
+from tunix_sglang import faults
+from tunix_sglang import protocol as api
 from tunix_sglang.errors import UserError
-from tunix_sglang.weights_wire import WireError
+from tunix_sglang.protocol import ENGINE_DIED_EXIT, READY_PREFIX, TOKEN_ENV
+from tunix_sglang.server_guard import (
+    Guard,
+    check_bind,
+    check_token,
+    install_error_handlers,
+    one_line,
+)
+from tunix_sglang.server_liveness import EngineLiveness
+from tunix_sglang.server_requests import (
+    BeginUpload,
+    GenerateRequest,
+    GenerateResponse,
+    Limits,
+    LoadRequest,
+    ProbeRequest,
+    check_generate,
+    check_prompts,
+    http_error,
+)
+from tunix_sglang.weights_check import ParamSpec, WeightsRejected, load_weights
+from tunix_sglang.weights_wire import (
+    MAX_CHUNK_BYTES,
+    IncompleteUpload,
+    UnknownUpload,
+    UploadStore,
+    UploadTooLarge,
+    WireError,
+    parse_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
-TOKEN_ENV = "TUNIX_SGLANG_SERVER_TOKEN"
 DEFAULT_MAX_UPLOAD_BYTES = 8 << 30
 DEFAULT_MAX_REQUEST_BYTES = 32 << 20
-READY_PREFIX = "READY "
-
-
-# ---------------------------------------------------------------------------------------
-# Pure checks (no engine)
-# ---------------------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a hostname: assume it may resolve beyond loopback
-
-
-def check_bind(host: str, token: str | None) -> None:
-    """Refuse to listen beyond loopback without a shared token (UserError)."""
-    if not is_loopback(host) and not token:
-        raise UserError(
-            f"serve --host {host}: listening beyond loopback needs a shared token; pass "
-            f"--token or set {TOKEN_ENV} (or use --host 127.0.0.1)"
-        )
+DEFAULT_UPLOAD_IDLE_SECONDS = 120.0
+MAX_CHUNKS_IN_FLIGHT = 4
 
 
 def _tune_malloc() -> None:
@@ -104,79 +114,80 @@ def _tune_malloc() -> None:
 
 
 class ServerState:
-    """The engine, its weight version and the upload in progress."""
+    """The engine, its weight version, the upload in progress, and the engine's liveness."""
 
     def __init__(
         self,
         engine: Any,
         *,
-        vocab_size: int,
+        spec: ParamSpec,
         model_path: str,
         token: str | None = None,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_prompts_per_request: int | None = None,
+        weights_root: str | None = None,
+        upload_idle_seconds: float = DEFAULT_UPLOAD_IDLE_SECONDS,
     ):
         self.engine = engine
-        self.settings = engine.settings
-        self.vocab_size = int(vocab_size)
+        self.settings = s = engine.settings
+        self.spec = spec
+        self.limits = Limits(int(spec.hf_config["vocab_size"]), s.max_prompt_len,
+                             s.max_new_tokens, max_prompts_per_request or 16 * s.batch_size)
         self.model_path = model_path
         self.token = token or None
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_request_bytes = int(max_request_bytes)
-        self.max_prompts = max_prompts_per_request or 16 * self.settings.batch_size
+        self.weights_root = Path(os.path.realpath(weights_root)) if weights_root else None
+        self.uploads = UploadStore(upload_idle_seconds)
         self.version = 0
+        self.digest: str | None = None  # manifest digest of the weights last pushed
         self.paused = False
-        self.started_at = time.time()
+        self.liveness = EngineLiveness(engine)
         self.counters = {"generate_requests": 0, "samples": 0, "pushes": 0}
         self.last_apply: dict[str, Any] | None = None
         self._engine_lock = threading.Lock()  # one version per batch; applies between batches
-        self._upload_lock = threading.Lock()
-        self._upload = None  # weights_wire.Receiver
+        self._chunk_slots = threading.BoundedSemaphore(MAX_CHUNKS_IN_FLIGHT)
+
+    def _require_engine(self) -> None:
+        if self.liveness.dead:
+            raise http_error(503, f"the engine died ({self.liveness.dead}); this server is exiting")
+
+    def _engine_failed(self, e: BaseException) -> HTTPException:
+        reason = self.liveness.check()
+        if reason:
+            return http_error(503, f"the engine died ({reason}); this server is exiting")
+        logger.error("engine call failed", exc_info=e)
+        return http_error(500, f"engine error: {(str(e).strip().splitlines() or [''])[0]}")
 
     # -- generation -----------------------------------------------------------------------
-    def generate(self, req: dict[str, Any]) -> dict[str, Any]:
-        from tunix_sglang.engine import EngineError
-
-        s = self.settings
-        prompts = req["prompts"]
-        if len(prompts) > self.max_prompts:
-            raise _http(413, f"{len(prompts)} prompts in one request; at most {self.max_prompts}")
-        if req["max_new_tokens"] > s.max_new_tokens:
-            raise _http(422, f"max_new_tokens {req['max_new_tokens']} > this server's "
-                        f"--max-new-tokens {s.max_new_tokens}")
-        for i, p in enumerate(prompts):
-            if not 1 <= len(p) <= s.max_prompt_len:
-                raise _http(422, f"prompt {i} has {len(p)} tokens; allowed 1..{s.max_prompt_len}"
-                            " (--max-prompt-length)")
-            if min(p) < 0 or max(p) >= self.vocab_size:
-                raise _http(422, f"prompt {i} has token ids outside 0..{self.vocab_size - 1}")
-        stop = req.get("stop_token_ids") or None
-        if stop and (min(stop) < 0 or max(stop) >= self.vocab_size):
-            raise _http(422, f"stop_token_ids outside 0..{self.vocab_size - 1}")
+    def generate(self, req: GenerateRequest) -> dict[str, Any]:
+        check_generate(req, self.limits)
         if self.paused:
-            raise _http(503, "server is paused (POST /resume)")
-        expected = req.get("expected_version")
+            raise http_error(503, "server is paused (POST /resume)")
         t0 = time.perf_counter()
         with self._engine_lock:
-            if expected is not None and expected != self.version:
-                raise _http(409, f"weight version is {self.version}, request expects {expected}")
+            self._require_engine()
+            self._expect(req.expected_version)
             version = self.version
+            self.liveness.before_generate()
             samples = []
-            seed = req.get("seed")
-            bs = s.batch_size
+            bs = self.settings.batch_size
             try:
-                for i in range(0, len(prompts), bs):  # at most one engine batch per call
+                for i in range(0, len(req.prompts), bs):  # at most one engine batch per call
                     samples += self.engine.generate(
-                        prompts[i:i + bs], max_new_tokens=req["max_new_tokens"],
-                        temperature=req["temperature"], top_p=req["top_p"], top_k=req["top_k"],
-                        seed=seed if i == 0 else None, stop_token_ids=stop,
-                        ignore_eos=req["ignore_eos"],
+                        req.prompts[i:i + bs], max_new_tokens=req.max_new_tokens,
+                        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                        seed=req.seed if i == 0 else None, stop_token_ids=req.stop_token_ids,
+                        ignore_eos=req.ignore_eos,
                     )
             except UserError as e:
-                raise _http(422, str(e)) from None
-            except EngineError as e:
-                raise _http(500, f"engine error: {e}") from None
+                raise http_error(422, str(e)) from None
+            except Exception as e:
+                raise self._engine_failed(e) from None
+        if not all(np.isfinite(x.logprobs).all() for x in samples):
+            raise http_error(500, f"the served weights (version {version}) give non-finite "
+                        "logprobs; push finite weights of a sane magnitude")
         self.counters["generate_requests"] += 1
         self.counters["samples"] += len(samples)
         return {
@@ -189,129 +200,139 @@ class ServerState:
             ],
         }
 
+    def _expect(self, expected: int | None) -> None:
+        if expected is not None and expected != self.version:
+            raise http_error(409, f"weight version is {self.version}, request expects {expected}")
+
     # -- weights --------------------------------------------------------------------------
-    def _check_version(self, version: int) -> None:
-        if version < self.version:
-            raise _http(409, f"push of version {version} is older than the current "
-                        f"{self.version}")
+    def _check_version(self, version: int, digest: str | None = None) -> None:
+        if self.last_apply is None and version == self.version:
+            return  # the start weights were never pushed: the first push may take their version
+        if version < self.version or (version == self.version
+                                      and (digest is None or digest != self.digest)):
+            raise http_error(409, f"weight version {version} is not newer than the server's "
+                        f"{self.version} (versions increase; the same version only with the "
+                        "same weights)")
 
     def begin_upload(self, manifest: Any, version: int) -> dict[str, Any]:
-        from tunix_sglang.weights_wire import Receiver, WireError, parse_manifest
-
-        self._check_version(version)
-        try:
-            m = parse_manifest(manifest, self.max_upload_bytes)
-        except WireError as e:
-            code = 413 if "exceeds" in str(e) else 422
-            raise _http(code, f"bad manifest: {e}") from None
-        with self._upload_lock:
-            # One upload at a time; a new one replaces a stale one (a retried push after a
-            # controller crash must not be blocked by its own abandoned upload).
-            self._upload = Receiver(m, version, uuid.uuid4().hex)
-            up = self._upload
+        m = parse_manifest(manifest, self.max_upload_bytes)
+        self.spec.check_manifest(m)
+        self._check_version(version, m.digest)
+        up = self.uploads.begin(m, version, uuid.uuid4().hex)
         return {"upload_id": up.upload_id, "num_chunks": m.num_chunks,
                 "chunk_bytes": m.chunk_bytes, "total_bytes": m.total_bytes}
 
-    def upload(self, upload_id: str):
-        up = self._upload
-        if up is None or up.upload_id != upload_id:
-            raise _http(404, f"no upload {upload_id!r} in progress (replaced or committed?)")
-        return up
-
-    def abort_upload(self, upload_id: str) -> None:
-        with self._upload_lock:
-            self.upload(upload_id)
-            self._upload = None
+    async def receive_chunk(self, upload_id: str, index: int,
+                            stream: AsyncIterator[bytes]) -> dict[str, Any]:
+        """Read chunk `index` into scratch; it is stored only if its length and CRC match."""
+        up = self.uploads.get(upload_id)
+        size = up.chunk_size(index)
+        if not self._chunk_slots.acquire(blocking=False):
+            raise http_error(429, f"more than {MAX_CHUNKS_IN_FLIGHT} chunks in flight; send fewer "
+                        "at once")
+        try:
+            # Scratch of the chunk's size (heap memory _tune_malloc keeps for the next one).
+            scratch = memoryview(bytearray(size))
+            n, crc = 0, 0
+            async for part in stream:
+                if n + len(part) > size:
+                    up.reject(index)
+                    raise UploadTooLarge(f"chunk {index} is longer than {size} bytes")
+                scratch[n:n + len(part)] = part
+                crc = zlib.crc32(part, crc)
+                n += len(part)
+                up.touched = time.monotonic()  # idle means nothing arrives, not a slow chunk
+            up.put_chunk(index, scratch[:n], crc)
+        finally:
+            self._chunk_slots.release()
+        return {"index": index, "bytes": n, "remaining": len(up.missing())}
 
     def commit_upload(self, upload_id: str) -> dict[str, Any]:
-        from tunix_sglang.weights_wire import WireError
+        up = self.uploads.take(upload_id)
+        up.seal()  # every chunk's CRC again, over the buffer about to be applied
+        arrays = up.arrays()
+        self.spec.check_values(arrays)
+        return self.apply(arrays, up.version, up.manifest.total_bytes, "push",
+                          up.manifest.digest)
 
-        with self._upload_lock:
-            up = self.upload(upload_id)
-            try:
-                arrays = up.arrays()
-            except WireError as e:
-                raise _http(409, str(e)) from None
-            self._upload = None
-        return self.apply(arrays, up.version, up.manifest.total_bytes, "push")
-
-    def apply(self, arrays: Any, version: int, nbytes: int, source: str) -> dict[str, Any]:
+    def apply(self, arrays: Any, version: int, nbytes: int, source: str,
+              digest: str | None = None) -> dict[str, Any]:
+        """Apply checked weights as `version` (atomic: all or nothing). The answer carries the
+        engine's own fingerprints of what it then holds (the controller checks them)."""
         from tunix_sglang.engine import IncompleteSyncError
 
         t0 = time.perf_counter()
         with self._engine_lock:
-            self._check_version(version)
+            self._require_engine()
+            if version == self.version and digest is not None and digest == self.digest:
+                return {**(self.last_apply or {}), "unchanged": True, **self._report()}
+            self._check_version(version, digest)
             try:
-                self.engine.sync_from_tunix(arrays)
+                if not faults.injected("stale_server", version):
+                    self.engine.sync_from_tunix(arrays, version)
             except IncompleteSyncError as e:
-                raise _http(422, f"weights rejected, nothing changed: {e}") from None
-            self.version = int(version)
+                raise http_error(422, f"weights rejected, nothing changed: {e}") from None
+            except Exception as e:
+                raise self._engine_failed(e) from None
+            self.version, self.digest = int(version), digest
+            report = self._report()
         self.counters["pushes"] += 1
         self.last_apply = {"weight_version": self.version, "apply_seconds":
                            time.perf_counter() - t0, "bytes": int(nbytes), "source": source}
-        return self.last_apply
+        return {**self.last_apply, **report}
+
+    def _report(self, prompts: list[list[int]] | None = None) -> dict[str, Any]:
+        from tunix_sglang import probe  # the engine's side of the proof; under the engine lock
+
+        try:
+            return probe.engine_json(self.engine, prompts)
+        except Exception as e:
+            raise self._engine_failed(e) from None
+
+    def probe(self, req: ProbeRequest) -> dict[str, Any]:
+        """POST /probe: fingerprints of the buffers the forward reads, next-token logits."""
+        check_prompts(req.prompts, self.limits)
+        with self._engine_lock:
+            self._require_engine()
+            self._expect(req.expected_version)
+            return {"weight_version": self.version, **self._report(req.prompts)}
 
     def load_path(self, path: str, version: int) -> dict[str, Any]:
-        p = Path(path)
-        if p.is_dir():
-            try:
-                model = _load_hf_dir(p, self.settings.dtype)
-            except UserError as e:
-                raise _http(422, str(e)) from None
-            return self.apply(model, version, 0, f"dir:{p}")
-        if p.is_file() and p.suffix == ".safetensors":
-            from tunix_sglang.weights_wire import load_tunix_safetensors
-
-            if p.stat().st_size > self.max_upload_bytes:
-                raise _http(413, f"{p} is larger than --max-upload-bytes")
-            try:
-                arrays = load_tunix_safetensors(p)
-            except Exception as e:  # safetensors raises several types for bad files
-                raise _http(422, f"cannot read {p}: {e}") from None
-            return self.apply(arrays, version, p.stat().st_size, f"file:{p}")
-        raise _http(422, f"{path}: not a .safetensors file (Tunix names) or a model directory")
+        if self.weights_root is None:
+            raise http_error(404, "POST /weights/load is off; start the server with "
+                        "--weights-root DIR to load weights from files under DIR")
+        self._check_version(version)
+        flat, size = load_weights(self.weights_root, path, self.spec, self.settings.dtype)
+        return self.apply(flat, version, size, "load")
 
     def flush(self) -> None:
         with self._engine_lock:
-            self.engine.flush()
+            self._require_engine()
+            try:
+                self.engine.flush()
+            except Exception as e:
+                raise self._engine_failed(e) from None
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        ok, detail = True, "ok"
-        try:
-            self.engine._check_alive()  # noqa: SLF001 (the engine's own liveness check)
-        except Exception as e:
-            ok, detail = False, str(e).splitlines()[0]
-        return ok, {"status": detail, "weight_version": self.version, "paused": self.paused,
-                    "uploading": self._upload is not None, "pid": os.getpid()}
+        reason = self.liveness.check()
+        return not reason, {
+            "status": f"engine died: {reason}; exiting" if reason else "ok",
+            "weight_version": self.version, "paused": self.paused,
+            "uploading": self.uploads.active, "pid": os.getpid()}
 
     def info(self) -> dict[str, Any]:
         s = self.settings
         return {
-            "model_path": self.model_path, "vocab_size": self.vocab_size,
+            "model_path": self.model_path, "vocab_size": self.limits.vocab_size,
             "max_prompt_len": s.max_prompt_len, "max_new_tokens": s.max_new_tokens,
             "max_batch": s.batch_size, "dtype": s.dtype, "weight_version": self.version,
             "max_upload_bytes": self.max_upload_bytes,
             "max_request_bytes": self.max_request_bytes,
-            "max_prompts_per_request": self.max_prompts, "token_required": bool(self.token),
-            "pid": os.getpid(), "counters": dict(self.counters), "last_apply": self.last_apply,
+            "max_prompts_per_request": self.limits.max_prompts,
+            "token_required": bool(self.token), "weights_load": self.weights_root is not None,
+            "upload_idle_seconds": self.uploads.idle_seconds, "pid": os.getpid(),
+            "counters": dict(self.counters), "last_apply": self.last_apply,
         }
-
-
-def _http(code: int, detail: str) -> HTTPException:
-    return HTTPException(status_code=code, detail=detail)
-
-
-def _load_hf_dir(path: Path, dtype: str):
-    """A Hugging Face model directory as a Tunix model on one local device."""
-    import jax
-    import numpy as np
-
-    from tunix_sglang import models
-
-    md = models.inspect_model_dir(path)
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1), ("fsdp", "tp"),
-                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    return models.load_model(md, mesh, dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,160 +340,82 @@ def _load_hf_dir(path: Path, dtype: str):
 # ---------------------------------------------------------------------------------------
 
 
-class _BodyLimit:
-    """ASGI middleware: refuse bodies over the route's limit before anything reads them."""
+def _status_handler(code: int, prefix: str):
+    async def handler(_request, exc: Exception):
+        return JSONResponse({"detail": one_line(prefix + str(exc))}, code)
 
-    def __init__(self, app, state: ServerState):
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            from tunix_sglang.weights_wire import MAX_CHUNK_BYTES
-
-            headers = dict(scope["headers"])
-            limit = (MAX_CHUNK_BYTES if scope["path"].startswith("/weights/uploads/")
-                     and "/chunks/" in scope["path"] else self.state.max_request_bytes)
-            length = headers.get(b"content-length")
-            error = None
-            if length is None:
-                if headers.get(b"transfer-encoding"):
-                    error = (411, "Content-Length is required")
-            elif not length.isdigit():
-                error = (400, "bad Content-Length")
-            elif int(length) > limit:
-                error = (413, f"request body of {int(length)} bytes exceeds the limit of {limit}")
-            if error:
-                body = json.dumps({"detail": error[1]}).encode()
-                await send({"type": "http.response.start", "status": error[0],
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()),
-                                        (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompts: list[list[int]] = Field(min_length=1, description="token ids, one list each")
-    max_new_tokens: int = Field(ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=1e4, description="0: greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    seed: int | None = Field(None, ge=0, lt=2**31, description="restart sampling stream")
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    expected_version: int | None = Field(None, description="409 unless the server has it")
-
-class SampleOut(BaseModel):
-    tokens: list[int]
-    logprobs: list[float]
-    finish_reason: str
-
-class GenerateResponse(BaseModel):
-    weight_version: int
-    seconds: float
-    samples: list[SampleOut]
-
-class BeginUpload(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=0)
-    manifest: dict[str, Any]
-
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: str = Field(min_length=1)
-    version: int = Field(ge=0)
-
+    return handler
 
 
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI app around one ServerState."""
-    def require_token(request: Request) -> None:
-        if not state.token:
-            return
-        got = request.headers.get("authorization", "")
-        if not (got.startswith("Bearer ")
-                and hmac.compare_digest(got[7:].encode(), state.token.encode())):
-            raise HTTPException(401, "missing or wrong token (Authorization: Bearer TOKEN)")
-
-    auth = [Depends(require_token)]
     app = FastAPI(title="tunix-sglang rollout server", version="1",
                   description=__doc__.split("\n\n")[0])
+    install_error_handlers(app)
+    for exc_type, code, prefix in (
+            (UnknownUpload, 404, ""), (IncompleteUpload, 409, ""), (UploadTooLarge, 413, ""),
+            (WireError, 422, ""), (WeightsRejected, 422, "weights rejected, nothing changed: ")):
+        app.add_exception_handler(exc_type, _status_handler(code, prefix))
 
-    @app.exception_handler(WireError)
-    async def _wire_error(_request, exc: WireError):
-        return JSONResponse({"detail": str(exc)}, status_code=422)
-
-    @app.get("/health")
+    @app.get(api.HEALTH)
     def health():
         ok, body = state.health()
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/version")
+    @app.get(api.VERSION)
     def version() -> dict[str, int]:
         return {"weight_version": state.version}
 
-    @app.get("/info")
+    @app.get(api.INFO)
     def info() -> dict[str, Any]:
         return state.info()
 
-    @app.post("/generate", dependencies=auth, response_model=GenerateResponse)
+    @app.post(api.GENERATE, response_model=GenerateResponse)
     def generate(req: GenerateRequest):
-        return state.generate(req.model_dump())
+        return state.generate(req)
 
-    @app.post("/weights/uploads", dependencies=auth)
+    @app.post(api.PROBE)
+    def probe(req: ProbeRequest) -> dict[str, Any]:
+        return state.probe(req)
+
+    @app.post(api.UPLOADS)
     def begin(req: BeginUpload) -> dict[str, Any]:
         return state.begin_upload(req.manifest, req.version)
 
-    @app.put("/weights/uploads/{upload_id}/chunks/{index}", dependencies=auth)
+    @app.put(api.UPLOAD_CHUNK)
     async def put_chunk(upload_id: str, index: int, request: Request) -> dict[str, Any]:
-        up = state.upload(upload_id)
-        view = up.chunk_view(index)
-        n, crc, cap = 0, 0, len(view)
-        async for part in request.stream():
-            k = len(part)
-            if n + k > cap:
-                raise HTTPException(413, f"chunk {index} is longer than {cap} bytes")
-            view[n:n + k] = part
-            crc = zlib.crc32(part, crc)
-            n += k
-        try:
-            up.finish_chunk(index, n, crc)
-        except WireError as e:
-            raise HTTPException(422, str(e)) from None
-        return {"index": index, "bytes": n, "remaining": len(up.missing())}
+        return await state.receive_chunk(upload_id, index, request.stream())
 
-    @app.post("/weights/uploads/{upload_id}/commit", dependencies=auth)
+    @app.post(api.UPLOAD_COMMIT)
     def commit(upload_id: str) -> dict[str, Any]:
         return state.commit_upload(upload_id)
 
-    @app.delete("/weights/uploads/{upload_id}", dependencies=auth)
+    @app.delete(api.UPLOAD)
     def abort(upload_id: str) -> dict[str, str]:
-        state.abort_upload(upload_id)
+        state.uploads.abort(upload_id)
         return {"status": "aborted"}
 
-    @app.post("/weights/load", dependencies=auth)
+    @app.post(api.WEIGHTS_LOAD)
     def load(req: LoadRequest) -> dict[str, Any]:
         return state.load_path(req.path, req.version)
 
-    @app.post("/pause", dependencies=auth)
+    @app.post(api.PAUSE)
     def pause() -> dict[str, bool]:
         state.paused = True
         return {"paused": True}
 
-    @app.post("/resume", dependencies=auth)
+    @app.post(api.RESUME)
     def resume() -> dict[str, bool]:
         state.paused = False
         return {"paused": False}
 
-    @app.post("/flush", dependencies=auth)
+    @app.post(api.FLUSH)
     def flush() -> dict[str, str]:
         state.flush()
         return {"status": "flushed"}
 
-    app.add_middleware(_BodyLimit, state=state)
+    app.add_middleware(Guard, token=state.token, max_request_bytes=state.max_request_bytes,
+                       max_chunk_bytes=MAX_CHUNK_BYTES)
     return app
 
 
@@ -493,15 +436,24 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="bind address (default 127.0.0.1; others need --token)")
     p.add_argument("--port", type=int, default=0, help="0: a free port (printed on READY)")
     p.add_argument("--local-model-dir", default=None,
-                   help="Hugging Face model dir (default: the embedded tiny Qwen3)")
+                   help="Hugging Face model dir (default: --model, else the embedded tiny Qwen3)")
+    p.add_argument("--model", default=None,
+                   help="Hugging Face model id (ORG/NAME), fetched into the Hugging Face cache "
+                   "when the hub is reachable, the cached copy otherwise")
     p.add_argument("--max-prompt-length", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-batch", type=int, default=8, help="engine batch size")
     p.add_argument("--sglang-mem-fraction-static", type=float, default=0.8)
     p.add_argument("--token", default=None,
-                   help=f"shared token for generate/weights/control (or ${TOKEN_ENV})")
+                   help=f"shared token for generate/weights/control (or ${TOKEN_ENV}); at "
+                        "least 16 printable ASCII characters")
     p.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES)
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    p.add_argument("--upload-idle-seconds", type=float, default=DEFAULT_UPLOAD_IDLE_SECONDS,
+                   help="drop an upload that received nothing for this long")
+    p.add_argument("--weights-root", default=None,
+                   help="POST /weights/load reads only files and model dirs under this "
+                        "directory (default: the route is off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--init-weights", default="model", choices=("model", "dummy"),
@@ -519,7 +471,8 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise UserError(
-            f"serve: cannot bind {host}:{port} ({e.strerror}); pick another --port"
+            f"serve: cannot bind {host}:{port} ({e.strerror}); check --host, or pick another "
+            "--port"
         ) from None
     # No listen() yet: the port is reserved, but clients get "connection refused" (not a
     # hang) until uvicorn serves it (asyncio's create_server calls listen()).
@@ -553,23 +506,29 @@ def serve_main(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    if token is not None:
+        check_token(token, "serve")
     check_bind(args.host, token)  # before anything heavy
     for name in ("max_prompt_length", "max_new_tokens", "max_batch", "max_upload_bytes",
-                 "max_request_bytes"):
-        if getattr(args, name) < 1:
-            raise UserError(f"serve --{name.replace('_', '-')} must be >= 1")
-    from tunix_sglang.cluster import default_platform
+                 "max_request_bytes", "upload_idle_seconds"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"serve --{name.replace('_', '-')} must be > 0")
+    if not 0 <= args.port <= 65535:  # socket.bind raises OverflowError (a traceback)
+        raise UserError(f"serve --port {args.port}: use 0..65535 (0: a free port)")
+    if args.weights_root is not None and not Path(args.weights_root).is_dir():
+        raise UserError(f"serve --weights-root {args.weights_root}: not a directory")
+    faults.active()  # a mistyped TUNIX_SGLANG_INJECT_FAULT fails here, not mid-run
+    from tunix_sglang.topology import default_platform
 
     default_platform()
-    from tunix_sglang import models
-    from tunix_sglang.warmstart import embedded_model_dir
+    from tunix_sglang import hub, models
 
-    md = models.inspect_model_dir(args.local_model_dir or embedded_model_dir())
+    md = models.inspect_model_dir(hub.model_dir(args.local_model_dir, args.model))
     sock = _bind(args.host, args.port)  # the port is ours before the slow engine start
     port = sock.getsockname()[1]
     _tune_malloc()
     from tunix_sglang.engine import EngineSettings, InProcessEngine
-    from tunix_sglang.runner import default_compilation_cache
+    from tunix_sglang.tunix_cluster import default_compilation_cache
 
     default_compilation_cache()  # restarts skip most engine compiles
     settings = EngineSettings(
@@ -578,27 +537,34 @@ def _serve(args: argparse.Namespace) -> int:
         mem_fraction_static=args.sglang_mem_fraction_static, dtype=args.dtype, seed=args.seed,
         rollout_devices=1,
     )
+    from tunix_sglang.weights_check import load_hf_dir, param_spec
+
     t0 = time.perf_counter()
     engine = InProcessEngine(settings).start()
     try:
         if args.init_weights == "model":
-            engine.sync_from_tunix(_load_hf_dir(md.path, args.dtype))
-        state = ServerState(engine, vocab_size=int(md.hf_config["vocab_size"]),
+            engine.sync_from_tunix(load_hf_dir(md.path, args.dtype), version=0)
+        state = ServerState(engine, spec=param_spec(engine, md, args.dtype),
                             model_path=str(md.path), token=token,
                             max_upload_bytes=args.max_upload_bytes,
-                            max_request_bytes=args.max_request_bytes)
+                            max_request_bytes=args.max_request_bytes,
+                            weights_root=args.weights_root,
+                            upload_idle_seconds=args.upload_idle_seconds)
         return _run_uvicorn(state, sock, args, port, time.perf_counter() - t0)
     finally:
         engine.shutdown()
 
 
-def _run_uvicorn(state: ServerState, sock: socket.socket, args, port: int, start_s: float):
+def _run_uvicorn(state: ServerState, sock: socket.socket, args, port: int,
+                 start_s: float) -> int:
     import uvicorn
 
     app = create_app(state)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30,
-                            limit_concurrency=256)
+                            limit_concurrency=256, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
+    state.liveness.on_death = lambda: setattr(server, "should_exit", True)
+    state.liveness.watch(lambda: server.should_exit, also=state.uploads.sweep)
     host = args.host if ":" not in args.host else f"[{args.host}]"
 
     def announce():
@@ -613,7 +579,7 @@ def _run_uvicorn(state: ServerState, sock: socket.socket, args, port: int, start
     if args.parent_pid:
         _watch_parent(args.parent_pid, server)
     server.run(sockets=[sock])
-    return 0
+    return ENGINE_DIED_EXIT if state.liveness.dead else 0
 
 
 def main(argv: list[str] | None = None) -> int:

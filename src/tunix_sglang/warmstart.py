@@ -26,13 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from tunix_sglang.config import embedded_is_warm
 from tunix_sglang.tiny_model import TinyModelSpec, default_cache_dir, ensure_tiny_model
 
-EMBEDDED_ENV = "TUNIX_SGLANG_EMBEDDED_MODEL"
-
-# Problems the warm start sees: the synthetic *training* split the runner uses for seed 0, so
-# the held-out split (`synthetic_split(...)[1]`) stays unseen.
-SPLIT_SIZES = dict(n_train=2000, n_test=200)
+# Problems the warm start sees: the synthetic *training* split runs use for seed 0
+# (`data.train_problems`), so the held-out split stays unseen.
 
 # The default tiny model (64 wide, 2 layers) is too small to learn to copy numbers from the
 # question in a few minutes of CPU; this one does (0.92M parameters).
@@ -112,22 +110,12 @@ def embedded_shape_dir() -> Path:
     return ensure_tiny_model(WARM_MODEL_SPEC if embedded_is_warm() else None)
 
 
-def embedded_is_warm() -> bool:
-    """Whether runs without --local-model-dir use the warm-started model (the default)."""
-    choice = os.environ.get(EMBEDDED_ENV, "warm")
-    if choice not in ("warm", "random"):
-        from tunix_sglang.errors import UserError
-
-        raise UserError(f"{EMBEDDED_ENV}={choice!r} is unknown; use 'warm' (default) or 'random'")
-    return choice == "warm"
-
-
 def _data_fingerprint(seed: int) -> str:
     # The warm start's data is part of what it learned: a change to the synthetic problems
     # must not reuse a model trained on the old ones.
     from tunix_sglang import data
 
-    train, _ = data.synthetic_split(seed=seed, **SPLIT_SIZES)
+    train = data.train_problems("synthetic", None, seed)
     blob = "".join(p.question + p.answer for p in train[:200])
     return hashlib.sha256(blob.encode()).hexdigest()[:6]
 
@@ -146,7 +134,7 @@ def sft_examples(
     """
     from tunix_sglang import data
 
-    train, _ = data.synthetic_split(seed=seed, **SPLIT_SIZES)
+    train = data.train_problems("synthetic", None, seed)
     formatted = np.random.default_rng(seed).permutation(len(train)) < formatted_fraction * len(
         train
     )

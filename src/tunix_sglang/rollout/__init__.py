@@ -1,11 +1,16 @@
-"""Rollout engines behind one seam: what `--rollout-engine NAME` builds for Tunix.
+"""Rollout engines behind one seam (`base.Rollout`): what `--rollout-engine NAME` builds.
 
 Tunix's `ClusterConfig.rollout_engine` takes its own engine name or a `BaseRollout`
-subclass (or a `functools.partial` of one); `engine_for` returns that value.
+subclass (or a `functools.partial` of one); `engine_for` returns that value:
 
-The engine rollouts keep no copy of the model (`keep_model_copy=False`): the runner trains
-on-policy (GRPO num_iterations=1), so Tunix never asks the rollout to score tokens, and the
-copy would hold one more model's worth of memory (0.75 GB for a Qwen3-0.6B shape).
+    vanilla             Tunix's own sampler, on the actor's weights
+    sglang_jax          one process: inprocess.InProcessRollout; several (--multihost-mode):
+                        host_local.HostLocalRollout or lockstep.LockstepRollout
+    sglang_jax_remote   remote.RemoteRollout, the controller of rollout servers
+
+The engine rollouts keep no copy of the model (`keep_model_copy=False`): training is on-policy
+(`tunix_cluster`: GRPO num_iterations=1), so Tunix never asks a rollout to score tokens, and
+the copy would hold one more model's worth of memory (0.75 GB for a Qwen3-0.6B shape).
 """
 
 from __future__ import annotations
@@ -24,17 +29,18 @@ def engine_for(cfg: TrainConfig, model_dir: Any) -> Any:
     if cfg.rollout_engine == "sglang_jax":
         import jax
 
-        if jax.process_count() > 1:  # host-local engines (or lockstep): see rollout/multihost
-            from tunix_sglang.rollout import multihost
-
-            return multihost.engine_for(cfg, model_dir)
         try:
-            from tunix_sglang.rollout.sglang_inprocess import SglangJaxRollout
+            if jax.process_count() == 1:
+                from tunix_sglang.rollout.inprocess import InProcessRollout as cls
+            elif cfg.multihost_mode == "lockstep":
+                from tunix_sglang.rollout.lockstep import LockstepRollout as cls
+            else:
+                from tunix_sglang.rollout.host_local import HostLocalRollout as cls
         except ImportError as e:
             raise UserError(
                 f"--rollout-engine sglang_jax is not available ({e}); use --rollout-engine vanilla"
             ) from None
-        return functools.partial(SglangJaxRollout, model_dir=model_dir, train_config=cfg,
+        return functools.partial(cls, model_dir=model_dir, train_config=cfg,
                                  keep_model_copy=False)
     if cfg.rollout_engine == "sglang_jax_remote":
         from tunix_sglang.rollout.remote import RemoteRollout

@@ -2,11 +2,12 @@
 
 `--rollout-engine sglang_jax_remote` for users who cannot colocate the engine with the
 trainer. The servers are `tunix-sglang serve` processes (tunix_sglang.server), given as
-URLs or launched here (`launch_servers=K`: `python -m tunix_sglang.server` subprocesses on
-127.0.0.1, stopped by PID with `close()`, SIGKILL after a grace period).
+URLs or launched here (`launch_servers=K`, rollout/launcher.py: subprocesses on 127.0.0.1,
+stopped by PID with `close()`, SIGKILL after a grace period); rollout/client.py makes the
+HTTP calls to each (routes and headers: tunix_sglang.protocol).
 
 Per step:
-* `generate` groups identical consecutive prompts (the trainer repeats each prompt G times),
+* `generate_ids` groups identical consecutive prompts (the trainer repeats each prompt G times),
   spreads whole groups over the servers that hold the current weight version, and gathers
   the samples back in the original order. Each request carries `expected_version`, so a
   server on another version refuses the work instead of returning off-policy samples.
@@ -17,7 +18,8 @@ Per step:
   parallel and waits for each to acknowledge the new version (`last_push`: seconds, bytes).
   A server that missed a push (down, restarted) is brought to the current version by the
   next `generate` before it gets any work.
-* `verify_sync(trainer_model)` is the max over servers of max |Δ logprob| on a greedy probe.
+* Servers answer a commit with their own fingerprints of the weights (a catch-up push is checked
+  before the server gets work); `sync_evidence` is their side of the proof (`POST /probe`).
 
 Every bounded wait has a timeout: connect 5 s, requests `request_timeout`, a whole rollout
 `rollout_timeout`, launches `ready_timeout`.
@@ -26,274 +28,50 @@ Every bounded wait has a timeout: connect 5 s, requests `request_timeout`, a who
 from __future__ import annotations
 
 import atexit
-import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import http.client
 import logging
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import httpx
 import numpy as np
 from tunix.rl.rollout import base_rollout
 
+from tunix_sglang import probe
+from tunix_sglang import protocol as api
+from tunix_sglang.engine import EngineSettings
 from tunix_sglang.errors import UserError
-from tunix_sglang.rollout.common import CopyBackedRollout, copy_params, seed_to_int
+from tunix_sglang.probe.scoring import ProbeSequence
+from tunix_sglang.rollout.base import Rollout, Samples, Sampling, derive_settings
+from tunix_sglang.rollout.client import ServerClient, ServerFailure
+from tunix_sglang.rollout.launcher import await_restarts, launch_servers
+from tunix_sglang.server_guard import check_token
 from tunix_sglang.weights_wire import DEFAULT_CHUNK_BYTES, Payload, flat_numpy_params, pack
 
 logger = logging.getLogger(__name__)
-
-TOKEN_ENV = "TUNIX_SGLANG_SERVER_TOKEN"
-PROBE_SEED = 1234
 
 
 class AllServersDownError(UserError):
     """No rollout server can take work; the run should checkpoint and stop."""
 
 
-class ServerFailure(Exception):
-    """One server failed one call (down, timed out, refused); the controller routes around it."""
-
-
-# ---------------------------------------------------------------------------------------
-# Launching local servers
-# ---------------------------------------------------------------------------------------
-
-
-class LaunchedServer:
-    """A `python -m tunix_sglang.server` subprocess; its READY line gives the URL."""
-
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None):
-        self.args = list(args)
-        self.env = dict(env if env is not None else os.environ)
-        self.url: str | None = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._ready = threading.Event()
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self, port: int | None = None) -> None:
-        """(Re)start the process; `port` pins it (a relaunch keeps its URL)."""
-        args = list(self.args)
-        if port is not None:
-            i = args.index("--port")
-            args[i + 1] = str(port)
-        self._ready.clear()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tunix_sglang.server", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env=self.env, start_new_session=True,  # a terminal ^C goes to the controller only
-        )
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-
-    def _pump(self, proc: subprocess.Popen) -> None:
-        for line in iter(proc.stdout.readline, ""):
-            line = line.rstrip("\n")
-            self.tail.append(line[-400:])
-            if line.startswith("READY ") and proc is self.proc:
-                self.url = line.split()[1]
-                self._ready.set()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait_ready(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._ready.wait(0.2):
-                return self.url
-            if not self.alive():
-                break
-        status = f"exited with {self.proc.poll()}" if not self.alive() else "not ready"
-        self.stop()
-        tail = "\n".join(list(self.tail)[-15:])
-        raise UserError(f"rollout server (pid {self.pid}) {status} after {timeout:g}s:\n{tail}")
-
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after `grace` seconds (JAX may swallow SIGTERM). By PID."""
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p.pid, signal.SIGTERM)
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait(10)
-
-    def kill(self) -> None:
-        """SIGKILL now (tests, and a controller that must not wait)."""
-        p = self.proc
-        if p is not None and p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait(10)
-
-
-def server_args(
-    *,
-    model_dir: Any,
-    max_prompt_length: int,
-    max_new_tokens: int,
-    max_batch: int,
-    port: int = 0,
-    mem_fraction_static: float = 0.8,
-    dtype: str = "float32",
-    seed: int = 0,
-    init_weights: str = "model",
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """Flags for one `tunix_sglang.server` (127.0.0.1; this process is its parent)."""
-    return [
-        "--host", "127.0.0.1", "--port", str(port),
-        "--local-model-dir", str(getattr(model_dir, "path", model_dir)),
-        "--max-prompt-length", str(max_prompt_length), "--max-new-tokens", str(max_new_tokens),
-        "--max-batch", str(max_batch), "--sglang-mem-fraction-static", str(mem_fraction_static),
-        "--dtype", dtype, "--seed", str(seed), "--init-weights", init_weights,
-        "--parent-pid", str(os.getpid()), *extra,
-    ]
-
-
-def launch_servers(
-    k: int, *, token: str | None = None, ready_timeout: float = 300.0, **kw: Any
-) -> list[LaunchedServer]:
-    """Start K local servers at once and wait until every one printed READY."""
-    env = dict(os.environ)
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env["PYTHONUNBUFFERED"] = "1"
-    if token:
-        env[TOKEN_ENV] = token  # not on the command line (visible in ps)
-    seed = int(kw.pop("seed", 0))
-    procs = [LaunchedServer(server_args(seed=seed + i, **kw), env) for i in range(k)]
-    try:
-        for p in procs:
-            p.wait_ready(ready_timeout)
-    except BaseException:
-        for p in procs:
-            p.kill()
-        raise
-    return procs
-
-
-# ---------------------------------------------------------------------------------------
-# One server
-# ---------------------------------------------------------------------------------------
-
-
-class ServerClient:
-    """HTTP calls to one rollout server; every failure becomes ServerFailure."""
-
-    def __init__(self, url: str, token: str | None, request_timeout: float,
-                 launched: LaunchedServer | None = None):
-        self.url = url.rstrip("/")
-        self.token = token
-        self.request_timeout = request_timeout
-        self.launched = launched
-        self.headers = {"authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(
-            base_url=self.url, headers=self.headers,
-            timeout=httpx.Timeout(request_timeout, connect=5.0, pool=5.0),
-        )
-        self.up = False
-        self.version: int | None = None
-        self.info: dict[str, Any] = {}
-        self.last_error = ""
-        self.relaunches = 0
-
-    def __repr__(self) -> str:
-        return f"ServerClient({self.url}, up={self.up}, v={self.version})"
-
-    def call(self, method: str, path: str, json: Any = None, timeout: float | None = None):
-        try:
-            t = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
-            r = self.http.request(method, path, json=json, timeout=t)
-        except httpx.HTTPError as e:
-            raise ServerFailure(f"{self.url}{path}: {type(e).__name__}: {e}") from None
-        if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            raise ServerFailure(f"{self.url}{path}: HTTP {r.status_code}: {detail}")
-        return r.json()
-
-    def health(self, timeout: float = 3.0) -> dict[str, Any]:
-        return self.call("GET", "/health", timeout=timeout)
-
-    def push(self, payload: Payload, version: int) -> float:
-        """Begin, stream every chunk, commit; returns seconds. Raises ServerFailure."""
-        t0 = time.perf_counter()
-        m = payload.manifest
-        began = self.call("POST", "/weights/uploads",
-                          {"version": version, "manifest": m.as_json()})
-        uid = began["upload_id"]
-        u = urllib.parse.urlsplit(self.url)
-        # http.client sends a memoryview with one sendall (no copies; httpx re-slices bytes).
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=self.request_timeout)
-        try:
-            for i in range(m.num_chunks):
-                for attempt in range(3):  # a CRC mismatch is resent
-                    body = payload.chunk(i)
-                    conn.request("PUT", f"/weights/uploads/{uid}/chunks/{i}", body=body,
-                                 headers={**self.headers, "content-type":
-                                          "application/octet-stream"})
-                    r = conn.getresponse()
-                    text = r.read()
-                    if r.status < 400:
-                        break
-                    if r.status != 422 or b"CRC32" not in text or attempt == 2:
-                        raise ServerFailure(f"{self.url}: chunk {i}: HTTP {r.status}: "
-                                            f"{text[:300].decode(errors='replace')}")
-        except (OSError, http.client.HTTPException) as e:
-            raise ServerFailure(f"{self.url}: push failed: {type(e).__name__}: {e}") from None
-        finally:
-            conn.close()
-        done = self.call("POST", f"/weights/uploads/{uid}/commit")
-        if int(done["weight_version"]) != version:
-            raise ServerFailure(f"{self.url}: acknowledged version {done['weight_version']}, "
-                                f"pushed {version}")
-        self.version = version
-        return time.perf_counter() - t0
-
-    def close(self) -> None:
-        self.http.close()
-
-
 @dataclasses.dataclass
 class PushReport:
+    """The last push: its version, seconds and bytes (each server gets all of them), the
+    servers that acknowledged it and why the others did not."""
+
     version: int
     seconds: float
     bytes: int
-    pack_seconds: float
     servers: list[str]
     failed: dict[str, str]
-    per_server_seconds: dict[str, float]
-
-    @property
-    def bytes_per_second(self) -> float:
-        """Per-server transfer rate (each server receives all bytes)."""
-        slowest = max(self.per_server_seconds.values(), default=0.0)
-        return self.bytes / slowest if slowest > 0 else 0.0
 
 
-# ---------------------------------------------------------------------------------------
-# The controller
-# ---------------------------------------------------------------------------------------
+# -- The controller -----------------------------------------------------------------------
 
 
 def group_prompts(prompts: Sequence[Any]) -> list[tuple[int, int]]:
@@ -337,55 +115,43 @@ def _urls(servers: Any) -> list[str]:
     return out
 
 
-class RemoteRollout(CopyBackedRollout):
+class RemoteRollout(Rollout):
     """Rollouts on remote sglang-jax servers with versioned weight pushes."""
 
-    def __init__(
-        self,
-        rollout_actor: Any,
-        tokenizer: Any,
-        mesh: Any,
-        rollout_config: base_rollout.RolloutConfig,
-        *,
-        model_dir: Any = None,
-        train_config: Any = None,
-        servers: Any = None,
-        launch_servers: int = 0,
-        token: str | None = None,
-        request_timeout: float = 600.0,
-        rollout_timeout: float = 1800.0,
-        ready_timeout: float = 300.0,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        max_batch: int | None = None,
-        relaunch_dead: bool = True,
-        push_on_init: bool = True,
-        keep_model_copy: bool = True,
-    ):
-        self.tokenizer = tokenizer
-        self.mesh = mesh
-        self.rollout_config = rollout_config
-        self.token = token or os.environ.get(TOKEN_ENV) or None
-        self.request_timeout = float(request_timeout)
-        self.rollout_timeout = float(rollout_timeout)
-        self.chunk_bytes = int(chunk_bytes)
-        self.relaunch_dead = relaunch_dead
-        self.version = 0
-        self.last_versions: list[int] = []
-        self.last_servers: list[str] = []
-        self.last_push: PushReport | None = None
-        self.last_sync_diffs: dict[str, float] = {}
-        self.last_rollout_stats: dict[str, Any] = {}
-        self.redispatched_groups = 0
-        self._payload: Payload | None = None
-        self._last_temperature = float(getattr(rollout_config, "temperature", 1.0) or 0.0)
-        self._closed = False
-        self._after_dispatch: Callable[[int, dict[str, list[int]]], None] | None = None  # tests
+    def __init__(self, rollout_actor: Any, tokenizer: Any, mesh: Any,
+                 rollout_config: base_rollout.RolloutConfig, *, model_dir: Any = None,
+                 train_config: Any = None, servers: Any = None, launch_servers: int = 0,
+                 token: str | None = None, request_timeout: float = 600.0,
+                 rollout_timeout: float = 1800.0, ready_timeout: float = 300.0,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, relaunch_dead: bool = True,
+                 keep_model_copy: bool = True):
+        token = token or os.environ.get(api.TOKEN_ENV) or None
+        if token is not None:
+            check_token(token, "--server-token")
         urls = _urls(servers)
         if not urls and launch_servers <= 0:
             raise UserError(
                 "--rollout-engine sglang_jax_remote needs --rollout-servers URL,... or "
                 "--launch-servers K"
             )
+        super().__init__(rollout_actor, tokenizer, mesh, rollout_config,
+                         keep_model_copy=keep_model_copy)
+        self.token = token
+        self.request_timeout = float(request_timeout)
+        self.rollout_timeout = float(rollout_timeout)
+        self.ready_timeout = float(ready_timeout)
+        self.chunk_bytes = int(chunk_bytes)
+        self.relaunch_dead = relaunch_dead
+        self.version = 0
+        self.last_servers: list[str] = []
+        self.last_push: PushReport | None = None
+        self.last_rollout_stats: dict[str, Any] = {}
+        self._expected: dict = {}  # fingerprints of _payload per server layout (catch-up)
+        self._payload: Payload | None = None
+        self._notes: list[str] = []
+        self.server_dtype: str | None = None  # pushes are cast to it (servers never cast)
+        self._closed = False
+        self._after_dispatch: Callable[[int, dict[str, list[int]]], None] | None = None  # tests
         self.servers: list[ServerClient] = [
             ServerClient(u, self.token, self.request_timeout) for u in urls
         ]
@@ -395,31 +161,25 @@ class RemoteRollout(CopyBackedRollout):
         atexit.register(self.close)
         try:
             if launch_servers > 0:
-                self._launch(launch_servers, model_dir, train_config, rollout_config,
-                             max_batch, ready_timeout)
+                self._launch(launch_servers, derive_settings(
+                    rollout_actor, None, rollout_config, model_dir, train_config))
             self._connect()
-            self._model = copy_params(rollout_actor) if keep_model_copy else None
-            if push_on_init and rollout_actor is not None:
-                self.update_params(rollout_actor, None, _copy=False)
+            if rollout_actor is not None:
+                # at the servers' own version: the trainer's first sync sets the real one
+                self._sync(rollout_actor, self.version)
         except BaseException:
             self.close()
             raise
 
     # -- set-up ---------------------------------------------------------------------------
-    def _launch(self, k, model_dir, train_config, rc, max_batch, ready_timeout) -> None:
-        if model_dir is None:
-            raise UserError("launch_servers needs model_dir (the directory the servers load)")
-        if max_batch is None:
-            # Each server can take a whole step alone (what it must do if the others die).
-            max_batch = (int(train_config.batch_size) * int(train_config.num_generations)
-                         if train_config is not None else 8)
+    def _launch(self, k: int, settings: EngineSettings) -> None:
+        """K local servers, each able to take a whole step alone (what it must do if the
+        others die)."""
         procs = launch_servers(
-            k, token=self.token, ready_timeout=ready_timeout, model_dir=model_dir,
-            max_prompt_length=int(rc.max_prompt_length),
-            max_new_tokens=int(rc.max_tokens_to_generate), max_batch=int(max_batch),
-            mem_fraction_static=float(getattr(train_config, "sglang_mem_fraction_static", 0.8)),
-            dtype=str(getattr(train_config, "dtype", "float32")),
-            seed=int(getattr(train_config, "seed", 0) or 0),
+            k, token=self.token, ready_timeout=self.ready_timeout, model_dir=settings.model_path,
+            max_prompt_length=settings.max_prompt_len, max_new_tokens=settings.max_new_tokens,
+            max_batch=settings.batch_size, mem_fraction_static=settings.mem_fraction_static,
+            dtype=settings.dtype, seed=settings.seed,
         )
         for p in procs:
             self.servers.append(ServerClient(p.url, self.token, self.request_timeout, p))
@@ -429,10 +189,10 @@ class RemoteRollout(CopyBackedRollout):
         vocab = None
         for s in self.servers:
             try:
-                s.info = s.call("GET", "/info", timeout=10.0)
+                s.info = s.call("GET", api.INFO, timeout=10.0)
             except ServerFailure as e:
                 s.last_error = str(e)
-                logger.warning("rollout server %s unreachable at start: %s", s.url, e)
+                self._note(f"rollout server {s.url} unreachable at start: {e}")
                 continue
             problems = []
             if s.info["max_prompt_len"] < rc.max_prompt_length:
@@ -447,38 +207,50 @@ class RemoteRollout(CopyBackedRollout):
             s.version = int(s.info["weight_version"])
             s.up = True
             vocab = vocab or int(s.info["vocab_size"])
+            self.server_dtype = self.server_dtype or str(s.info["dtype"])
         if not any(s.up for s in self.servers):
             raise AllServersDownError(self._down_message())
-        self.vocab_size = vocab
-        n_tok = len(getattr(self.tokenizer, "tokenizer", self.tokenizer))
-        if n_tok > vocab:
-            raise UserError(f"tokenizer has {n_tok} ids but the servers' vocab_size is {vocab}")
+        self.check_vocab(vocab, "the servers'")
         # A restarted controller continues after the newest version a server holds
         # (servers refuse pushes older than what they have).
         self.version = max(s.version or 0 for s in self.servers)
 
     def _down_message(self) -> str:
+        self._notes.clear()  # the error's one line says it all
         detail = "; ".join(f"{s.url}: {s.last_error or 'down'}" for s in self.servers)
         return (f"all {len(self.servers)} rollout servers are down ({detail[:600]}); restart "
                 "them (tunix-sglang serve ...) and rerun with --resume")
 
     # -- server health and catch-up -------------------------------------------------------
+    def _note(self, msg: str) -> None:
+        """A server event, logged once the call that saw it succeeds: if every server is
+        down, AllServersDownError's one line reports them instead."""
+        self._notes.append(msg)
+
+    def _flush_notes(self) -> None:
+        while self._notes:
+            logger.warning(self._notes.pop(0))
+
     def _mark_down(self, s: ServerClient, why: str) -> None:
         if s.up:
-            logger.warning("rollout server %s taken out of rotation: %s", s.url, why)
+            self._note(f"rollout server {s.url} taken out of rotation: {why}")
         s.up = False
         s.last_error = why
+        self._relaunch_if_dead(s)
+
+    def _relaunch_if_dead(self, s: ServerClient) -> None:
+        """A launched server whose process is gone (killed, or exited on engine death)."""
         p = s.launched
-        if p is not None and not p.alive() and self.relaunch_dead and not self._closed \
-                and s.relaunches < 3:
-            # Same port, so the URL stays; it rejoins (after catch-up) once READY.
+        if p is None or not self.relaunch_dead or self._closed or s.relaunches >= 3:
+            return
+        # Same port, so the URL stays; it rejoins (after catch-up) once READY.
+        if p.relaunch(urllib.parse.urlsplit(s.url).port, "engine died" in s.last_error):
             s.relaunches += 1
-            port = urllib.parse.urlsplit(s.url).port
-            logger.warning("relaunching rollout server %s (attempt %d)", s.url, s.relaunches)
-            p.start(port=port)
+            self._note(f"relaunched rollout server {s.url} (attempt {s.relaunches})")
 
     def _refresh(self) -> None:
-        """Bring back servers that answer again, pushing the current weights first."""
+        """Bring back servers that answer again, pushing the current weights first; with none
+        live, wait for the launched ones restarting after an engine death first."""
         def check(s: ServerClient) -> None:
             try:
                 h = s.health()
@@ -488,55 +260,35 @@ class RemoteRollout(CopyBackedRollout):
                         raise ServerFailure(f"holds version {s.version}, controller has "
                                             f"{self.version} and no weights to push")
                     s.push(self._payload, self.version)
+                    self._check_catch_up(s)
                 s.up = True
                 logger.info("rollout server %s back at version %d", s.url, self.version)
             except ServerFailure as e:
                 s.last_error = str(e)
+                self._relaunch_if_dead(s)
 
         down = [s for s in self.servers if not s.up]
         for f in [self._pool.submit(check, s) for s in down]:
             f.result()
+        if down and not self.live_servers() and self._restarted():
+            self._refresh()
+
+    def _restarted(self) -> bool:
+        return await_restarts([s.launched for s in self.servers], self.ready_timeout)
 
     def live_servers(self) -> list[ServerClient]:
         return [s for s in self.servers if s.up and s.version == self.version]
 
-    # -- BaseRollout ----------------------------------------------------------------------
+    # -- Rollout ----------------------------------------------------------------------------
     @property
     def weight_version(self) -> int:
         return self.version
 
-    def generate(
-        self,
-        prompts: list[str],
-        rollout_config: base_rollout.RolloutConfig,
-        **kwargs: Any,
-    ) -> base_rollout.RolloutOutput:
-        max_len = int(rollout_config.max_prompt_length)
-        ids = self.encode_prompts(prompts, max_len)
-        temperature = float(rollout_config.temperature or 0.0)
-        self._last_temperature = temperature
-        params = {
-            "max_new_tokens": int(rollout_config.max_tokens_to_generate),
-            "temperature": temperature,
-            "top_p": 1.0 if rollout_config.top_p is None else float(rollout_config.top_p),
-            "top_k": None if rollout_config.top_k in (None, 0) else int(rollout_config.top_k),
-            "stop_token_ids": [int(t) for t in (rollout_config.eos_tokens or [])] or None,
-        }
-        samples, versions, where = self.generate_ids(ids, params,
-                                                     seed_to_int(rollout_config.seed))
-        self.last_versions, self.last_servers = versions, where
-        return self.rollout_output(
-            ids, [np.asarray(s["tokens"], np.int32) for s in samples],
-            [np.asarray(s["logprobs"], np.float32) for s in samples], max_len)
-
-    def generate_ids(
-        self, ids: Sequence[Sequence[int]], params: dict[str, Any], seed: int | None
-    ) -> tuple[list[dict[str, Any]], list[int], list[str]]:
-        """Token-id prompts -> (samples, weight version of each, server URL of each).
-
-        Fault-tolerant dispatch: whole groups per server, re-dispatch of the groups of a
-        server that fails, each group accepted once, original order.
-        """
+    def generate_ids(self, ids: list[list[int]], sampling: Sampling, seed: int | None
+                     ) -> Samples:
+        """Fault-tolerant dispatch: whole groups per server, re-dispatch of the groups of a
+        server that fails, each group accepted once, original order (`last_servers`: the
+        server of each sample)."""
         t_start = time.perf_counter()
         deadline = time.monotonic() + self.rollout_timeout
         groups = group_prompts([tuple(p) for p in ids])
@@ -561,10 +313,11 @@ class RemoteRollout(CopyBackedRollout):
                 if not gids:
                     continue
                 prompts = [list(ids[i]) for g in gids for i in range(*groups[g])]
-                req = dict(params, prompts=prompts, expected_version=self.version,
+                req = dict(dataclasses.asdict(sampling), prompts=prompts,
+                           expected_version=self.version,
                            seed=None if seed is None else (seed + 7919 * rnd + 104729 * j)
                            % 2**31)
-                futures[self._pool.submit(s.call, "POST", "/generate", req)] = (s, gids)
+                futures[self._pool.submit(s.call, "POST", api.GENERATE, req)] = (s, gids)
             overhead += time.perf_counter() - t0
             if self._after_dispatch is not None:
                 self._after_dispatch(rnd, {s.url: gids for s, gids in futures.values()})
@@ -593,60 +346,54 @@ class RemoteRollout(CopyBackedRollout):
                     k += n
                 overhead += time.perf_counter() - t1
             rnd += 1
-        samples, versions, where = [], [], []
+        samples = Samples(list(ids), [], [], [], redispatched)
+        self.last_servers = []
         for g in range(len(groups)):
             got, v, url = results[g]
-            samples += got
-            versions += [v] * len(got)
-            where += [url] * len(got)
-        self.redispatched_groups += redispatched
+            samples.tokens += [np.asarray(x["tokens"], np.int32) for x in got]
+            samples.logprobs += [np.asarray(x["logprobs"], np.float32) for x in got]
+            samples.versions += [v] * len(got)
+            self.last_servers += [url] * len(got)
+        self._flush_notes()
         self.last_rollout_stats = {
             "seconds": time.perf_counter() - t_start, "rounds": rnd,
             "redispatched_groups": redispatched, "controller_overhead_seconds": overhead,
             "slowest_server_seconds": server_seconds,
         }
-        return samples, versions, where
+        return samples
 
-    def update_params(self, params: Any, filter_types: Any = None, *, _copy: bool = True):
-        """Push the weights to every server in parallel; wait for each to hold the version."""
-
-        types = tuple(filter_types) if isinstance(filter_types, (tuple, list)) else (
-            (filter_types,) if filter_types is not None else ()
-        )
-        if any(getattr(t, "__name__", "") == "LoRAParam" for t in types):
-            raise NotImplementedError(
-                "LoRA weight push to sglang-jax servers is not supported: merge LoRA into the "
-                "base weights or use full fine-tuning"
-            )
+    def _sync(self, params: Any, version: int | None) -> None:
+        """Push the weights to every server in parallel; wait for each to hold `version`
+        (None: the next one)."""
         t0 = time.perf_counter()
-        payload = pack(flat_numpy_params(params), self.chunk_bytes)
-        t_pack = time.perf_counter() - t0
-        version = self.version + 1
+        payload = pack(flat_numpy_params(params, self.server_dtype), self.chunk_bytes)
+        version = self.version + 1 if version is None else int(version)
         targets = [s for s in self.servers if s.up]
         if not targets:
             self._refresh_for_push()
+            if not any(s.up for s in self.servers) and self._restarted():
+                self._refresh_for_push()
             targets = [s for s in self.servers if s.up]
         if not targets:
             raise AllServersDownError(self._down_message())
         futs = {self._pool.submit(s.push, payload, version): s for s in targets}
-        per, failed = {}, {}
+        done, failed = [], {}
         for f in concurrent.futures.as_completed(futs, timeout=self.request_timeout + 30):
             s = futs[f]
             try:
-                per[s.url] = f.result()
+                f.result()
+                done.append(s.url)
             except ServerFailure as e:
                 failed[s.url] = str(e)
                 self._mark_down(s, str(e))
-        if not per:
+        if not done:
             raise AllServersDownError(self._down_message())
         self.version = version
         self._payload = payload  # for catching up servers that missed this push
-        self.last_push = PushReport(
-            version=version, seconds=time.perf_counter() - t0, bytes=payload.total_bytes,
-            pack_seconds=t_pack, servers=sorted(per), failed=failed, per_server_seconds=per,
-        )
-        if _copy:
-            self.update_copy(params)
+        self._expected = {}
+        self.last_push = PushReport(version, time.perf_counter() - t0, payload.total_bytes,
+                                    sorted(done), failed)
+        self._flush_notes()
 
     def _refresh_for_push(self) -> None:
         for s in self.servers:
@@ -656,36 +403,33 @@ class RemoteRollout(CopyBackedRollout):
             except ServerFailure as e:
                 s.last_error = str(e)
 
-    def probe_prompt(self, length: int = 8) -> list[int]:
-        n = min(length, int(self.rollout_config.max_prompt_length))
-        return [(131 * i + 17) % self.vocab_size for i in range(n)]
+    def _check_catch_up(self, s: ServerClient) -> None:
+        """A server caught up outside a step gets work before the next proof: check it now."""
+        report = probe.EngineReport(f"server {s.url}", int(s.version), s.params, None)
+        probe.check_arrival(self.version, probe.expected_for(
+            self._payload.arrays(), report, self.version, self._expected), report)
 
-    def verify_sync(self, trainer_model: Any, num_tokens: int = 4) -> float:
-        """Max over servers of max |Δ logprob| (server greedy probe vs `trainer_model`)."""
-        from tunix_sglang.engine import tunix_token_logprobs
-
-        prompt = self.probe_prompt()
-        n = min(num_tokens, int(self.rollout_config.max_tokens_to_generate))
-        req = {"prompts": [prompt], "max_new_tokens": n, "temperature": 0.0, "seed": PROBE_SEED,
-               "ignore_eos": True, "expected_version": self.version}
+    def sync_evidence(self, seq: ProbeSequence) -> list[probe.EngineReport]:
+        """Every live server's side of the sync proof (its fingerprints and probe logits)."""
+        req = {"prompts": seq.prefixes(), "expected_version": self.version}
         self._refresh()
-        live = self.live_servers()
-        futs = {self._pool.submit(s.call, "POST", "/generate", req): s for s in live}
-        diffs = {}
+        futs = {self._pool.submit(s.call, "POST", api.PROBE, req): s
+                for s in self.live_servers()}
+        reports = []
         for f in concurrent.futures.as_completed(futs, timeout=self.request_timeout + 30):
             s = futs[f]
             try:
-                sample = f.result()["samples"][0]
+                out = f.result()
             except ServerFailure as e:
                 self._mark_down(s, str(e))
                 continue
-            ref = tunix_token_logprobs(trainer_model, prompt, sample["tokens"], 0.0)
-            lp = np.asarray(sample["logprobs"], np.float32)
-            diffs[s.url] = float(np.max(np.abs(ref - lp))) if len(ref) else 0.0
-        if not diffs:
+            reports.append(probe.EngineReport(
+                f"server {s.url}", int(out["weight_version"]),
+                probe.params_from_json(out["params"]), probe.logits_from_json(out["logits"])))
+        if not reports:
             raise AllServersDownError(self._down_message())
-        self.last_sync_diffs = diffs
-        return max(diffs.values())
+        self._flush_notes()
+        return sorted(reports, key=lambda r: r.where)
 
     def close(self) -> None:
         """Stop launched servers (by PID; SIGKILL after 5 s) and close connections."""

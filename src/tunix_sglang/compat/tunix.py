@@ -1,4 +1,5 @@
-"""Fixes to released Tunix (0.1.7) behaviour, each gated on a capability check."""
+"""Fixes to released Tunix (0.1.7): rope_theta in attention, pinned-host snapshots on a
+multi-process CPU. Same contract as the sglang-jax fixes (`<name>_needed`, `fix_<name>`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import functools
 import inspect
 from types import ModuleType
 
-from tunix_sglang.compat import record
+from tunix_sglang.compat.base import ORIGINALS, source_of
+
+# ---------------------------------------------------------------------------------------
+# rope_theta
+# ---------------------------------------------------------------------------------------
 
 # rope_theta of the model whose attention is being traced right now.
 _ROPE_THETA: contextvars.ContextVar[float | None] = contextvars.ContextVar(
@@ -21,19 +26,29 @@ def rope_theta_is_ignored(model_module: ModuleType) -> bool:
     return "apply_rope(" in src and "rope_theta" not in src
 
 
-def _patch_rope_theta(model_module: ModuleType) -> bool:
+def _model_module(family: str) -> ModuleType:
+    from tunix.models.llama3 import model as llama3_model
+    from tunix.models.qwen3 import model as qwen3_model
+
+    return {"qwen3": qwen3_model, "llama3": llama3_model}[family]
+
+
+def rope_theta_needed(family: str) -> bool:
+    return rope_theta_is_ignored(_model_module(family))
+
+
+def fix_rope_theta(family: str) -> bool:
     """Make Attention honour `config.rope_theta` (Tunix 0.1.7 always uses its default).
 
     Real checkpoints ship other values (Qwen3-4B-2507: 5e6, Llama 3: 5e5); without this the
     trainer computes a different function than the checkpoint and than any engine reading
     config.json. The fix is trace-time only: the compiled program is the same shape.
     """
-    if getattr(model_module, "_tunix_sglang_rope_fixed", False):
-        return True
-    if not rope_theta_is_ignored(model_module):
-        return False
+    model_module = _model_module(family)
     orig_apply_rope = model_module.apply_rope
     orig_block = model_module.Attention.block
+    ORIGINALS[f"tunix.{family}.apply_rope"] = orig_apply_rope
+    ORIGINALS[f"tunix.{family}.Attention.block"] = orig_block
 
     @functools.wraps(orig_apply_rope)
     def apply_rope(inputs, positions, head_dim, rope_theta=None):
@@ -52,11 +67,27 @@ def _patch_rope_theta(model_module: ModuleType) -> bool:
 
     model_module.apply_rope = apply_rope
     model_module.Attention.block = block
-    model_module._tunix_sglang_rope_fixed = True
     return True
 
 
-def _patch_pinned_host_on_multiprocess_cpu() -> bool:
+# ---------------------------------------------------------------------------------------
+# pinned_host placement on a multi-process CPU
+# ---------------------------------------------------------------------------------------
+
+def places_on_memory_kind_everywhere(fn) -> bool:
+    """True when `put_params_on_memory_kind` moves params to the requested memory kind with
+    `jax.device_put` whatever the backend and process count."""
+    src = source_of(fn)
+    return "device_put" in src and "memory_kind" in src and "process_count" not in src
+
+
+def pinned_host_on_multiprocess_cpu_needed() -> bool:
+    from tunix.rl import utils as rl_utils
+
+    return places_on_memory_kind_everywhere(rl_utils.put_params_on_memory_kind)
+
+
+def fix_pinned_host_on_multiprocess_cpu() -> bool:
     """Keep parameters where they are when Tunix asks for `pinned_host` on a multi-process CPU.
 
     RLCluster snapshots the actor to pinned host memory after init and every sync. On CPU that
@@ -66,9 +97,8 @@ def _patch_pinned_host_on_multiprocess_cpu() -> bool:
     """
     from tunix.rl import utils as rl_utils
 
-    if getattr(rl_utils, "_tunix_sglang_pinned_fixed", False):
-        return True
     orig = rl_utils.put_params_on_memory_kind
+    ORIGINALS["tunix.rl.utils.put_params_on_memory_kind"] = orig
 
     @functools.wraps(orig)
     def put_params_on_memory_kind(params, memory_kind):
@@ -81,20 +111,4 @@ def _patch_pinned_host_on_multiprocess_cpu() -> bool:
         return orig(params, memory_kind)
 
     rl_utils.put_params_on_memory_kind = put_params_on_memory_kind
-    rl_utils._tunix_sglang_pinned_fixed = True
     return True
-
-
-def apply() -> None:
-    from tunix.models.llama3 import model as llama3_model
-    from tunix.models.qwen3 import model as qwen3_model
-
-    for mod in (qwen3_model, llama3_model):
-        if _patch_rope_theta(mod):
-            record(
-                f"tunix.{mod.__name__.split('.')[-2]}.rope_theta",
-                "Attention ignored config.rope_theta (always 1e6)",
-            )
-    if _patch_pinned_host_on_multiprocess_cpu():
-        record("tunix.rl.pinned_host_on_multiprocess_cpu",
-               "pinned_host placement cannot be replicated across CPU processes")

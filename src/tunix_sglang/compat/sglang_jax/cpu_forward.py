@@ -1,8 +1,9 @@
-"""Fixes to sglang-jax 0.0.2's forward pass on CPU: attention per sequence, logits layout.
+"""sglang-jax 0.0.2's forward pass on CPU: attention per sequence, the output head's layout.
 
-Same contract as the rest of compat: each fix checks the installed code, keeps the
+Three fixes of the registry (`tunix_sglang.compat.FIXES`): `native_decode_attention`,
+`native_prefill_attention`, `cpu_lm_head_layout`. Each checks the installed code, keeps the
 original in `ORIGINALS` and has a test of equal outputs and of the cost it removes
-(tests/test_compat_cpu_forward.py).
+(tests/compat/test_sglang_jax_cpu_forward.py).
 
 Attention. The native backend (`NativeAttention` -> `forward_attention`) attends the whole
 padded batch at once: every query of the batch against every key slot of the batch (rows x
@@ -25,14 +26,11 @@ sync, a load). Cost: one more copy of the head in host memory.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Callable
 from typing import Any
 
-from tunix_sglang.compat import record
-from tunix_sglang.compat.sglang_jax_fixes import _LOCK, ORIGINALS, _src, path_names
-
-_APPLIED: dict[str, bool] = {}
+from tunix_sglang.compat.base import ORIGINALS, source_of
+from tunix_sglang.engine.weight_map import path_names
 
 # Static per-sequence widths tried, from max_req_len down by halves (one branch each).
 ATTENTION_WIDTHS = 4
@@ -92,7 +90,7 @@ def gather_kv(kv_fused: Any, loc: Any, starts: Any, lengths: Any, width: int):
 def decode_attends_whole_batch(fn: Callable) -> bool:
     """True when the native backend's decode attention scores each sequence's query against
     all keys of the padded batch and masks the others out (`_apply_decode_mask`)."""
-    return "_apply_decode_mask" in _src(fn)
+    return "_apply_decode_mask" in source_of(fn)
 
 
 def decode_attention_per_sequence(q: Any, kv_fused: Any, seq_lengths: Any, loc: Any,
@@ -140,7 +138,7 @@ def decode_attention_per_sequence(q: Any, kv_fused: Any, seq_lengths: Any, loc: 
 def extend_attends_whole_batch(fn: Callable) -> bool:
     """True when the native backend's EXTEND attention scores every query token of the
     batch against every key slot of the batch (`_apply_extend_mask`'s block diagonal)."""
-    return "_apply_extend_mask" in _src(fn)
+    return "_apply_extend_mask" in source_of(fn)
 
 
 def rows_per_block(rows: int, width: int, num_heads: int) -> int:
@@ -236,7 +234,7 @@ def backend_attends_through(native_backend, check: Callable[[Callable], bool]) -
     """True when NativeAttention hands the layer's K/V (strided views of its fused buffer)
     to a `forward_attention` that attends the whole batch (`check`)."""
     call = ORIGINALS.get("NativeAttention.__call__", native_backend.NativeAttention.__call__)
-    return "forward_attention(" in _src(call) and check(native_backend.forward_attention)
+    return "forward_attention(" in source_of(call) and check(native_backend.forward_attention)
 
 
 def fits_per_sequence(q, layer, forward_batch, decode: bool) -> bool:
@@ -253,7 +251,7 @@ def _layer_scale(layer):
     return 1.0 / jnp.sqrt(layer.head_dim) if layer.scaling is None else layer.scaling
 
 
-def _patch_call(mode_name: str, key: str, flag: str, attend: Callable) -> None:
+def _patch_call(mode_name: str, key: str, attend: Callable) -> None:
     """Wrap NativeAttention.__call__: batches in `mode_name` go to `attend`, with the layer's
     fused KV buffer (updated as the original does); others to the current __call__."""
     from sgl_jax.srt.model_executor.forward_batch_info import ForwardMode
@@ -274,11 +272,11 @@ def _patch_call(mode_name: str, key: str, flag: str, attend: Callable) -> None:
                                                      layer.layer_id)
         return attend(q, fused, layer, forward_batch), fused
 
-    __call__._tunix_sglang_fix = True
-    for name in ("_tunix_sglang_decode_fix", "_tunix_sglang_prefill_fix"):
-        setattr(__call__, name, getattr(inner, name, False))
-    setattr(__call__, flag, True)
     cls.__call__ = __call__
+
+
+def native_decode_attention_needed() -> bool:
+    return backend_attends_through(_native_backend(), decode_attends_whole_batch)
 
 
 def fix_native_decode_attention() -> bool:
@@ -290,19 +288,17 @@ def fix_native_decode_attention() -> bool:
     `decode_attention_per_sequence` gives the same outputs (K and V taken out of the
     layer's fused KV buffer in the branch that runs: see `gather_kv`).
     """
-    nb = _native_backend()
-    if (getattr(nb.NativeAttention.__call__, "_tunix_sglang_decode_fix", False)
-            or not backend_attends_through(nb, decode_attends_whole_batch)):
-        return False
-
     def attend(q, fused, layer, fb):
         return decode_attention_per_sequence(q, fused, fb.seq_lens, fb.cache_loc,
                                              layer.q_head_num, layer.kv_head_num,
                                              _layer_scale(layer))
 
-    _patch_call("DECODE", "NativeAttention.__call__.decode", "_tunix_sglang_decode_fix",
-                attend)
+    _patch_call("DECODE", "NativeAttention.__call__.decode", attend)
     return True
+
+
+def native_prefill_attention_needed() -> bool:
+    return backend_attends_through(_native_backend(), extend_attends_whole_batch)
 
 
 def fix_native_prefill_attention() -> bool:
@@ -314,10 +310,6 @@ def fix_native_prefill_attention() -> bool:
     25.5 GB buffer and the run died. `prefill_attention_per_sequence` gives the same
     outputs for the real tokens with work and memory in the sum of the sequence lengths.
     """
-    nb = _native_backend()
-    if (getattr(nb.NativeAttention.__call__, "_tunix_sglang_prefill_fix", False)
-            or not backend_attends_through(nb, extend_attends_whole_batch)):
-        return False
     from sgl_jax.srt.layers.radix_attention import AttentionType
 
     def attend(q, fused, layer, fb):
@@ -326,8 +318,7 @@ def fix_native_prefill_attention() -> bool:
             layer.q_head_num, layer.kv_head_num, _layer_scale(layer),
             is_causal=layer.attn_type != AttentionType.ENCODER_ONLY)
 
-    _patch_call("EXTEND", "NativeAttention.__call__.prefill", "_tunix_sglang_prefill_fix",
-                attend)
+    _patch_call("EXTEND", "NativeAttention.__call__.prefill", attend)
     return True
 
 
@@ -337,7 +328,7 @@ def fix_native_prefill_attention() -> bool:
 
 def logits_contract_head_rows(processor_cls) -> bool:
     """True when the logits are `hidden @ <[vocab, hidden] weight>.T`."""
-    return "embedding.T" in _src(processor_cls._get_logits)
+    return "embedding.T" in source_of(processor_cls._get_logits)
 
 
 def logits_head(model) -> Any:
@@ -406,6 +397,12 @@ def _module_path(model, target) -> tuple[str, ...]:
     raise ValueError("logits head is not part of the model")
 
 
+def cpu_lm_head_layout_needed() -> bool:
+    from sgl_jax.srt.layers.logits_processor import LogitsProcessor
+
+    return logits_contract_head_rows(LogitsProcessor)
+
+
 def fix_cpu_lm_head_layout() -> bool:
     """On CPU, compute logits from a [hidden, vocab] copy of the head (module docstring)."""
     import jax.numpy as jnp
@@ -413,10 +410,6 @@ def fix_cpu_lm_head_layout() -> bool:
     from sgl_jax.srt.model_executor.model_runner import ModelRunner
 
     get_logits = LogitsProcessor._get_logits
-    if getattr(get_logits, "_tunix_sglang_fix", False) or not logits_contract_head_rows(
-        LogitsProcessor
-    ):
-        return False
     ORIGINALS["LogitsProcessor._get_logits"] = get_logits
     ORIGINALS["ModelRunner.load_model"] = load_model = ModelRunner.load_model
     ORIGINALS["ModelRunner.initialize_jit.lm_head"] = initialize_jit = ModelRunner.initialize_jit
@@ -452,35 +445,7 @@ def fix_cpu_lm_head_layout() -> bool:
 
         self.jitted_run_model = run_model
 
-    for fn in (_get_logits, _load_model, _initialize_jit):
-        fn._tunix_sglang_fix = True
     LogitsProcessor._get_logits = _get_logits
     ModelRunner.load_model = _load_model
     ModelRunner.initialize_jit = _initialize_jit
     return True
-
-
-FIXES: list[tuple[str, Callable[[], bool], str]] = [
-    ("sglang_jax.native_decode_attention", fix_native_decode_attention,
-     "CPU decode attention scored every query against every key of the batch"),
-    ("sglang_jax.native_prefill_attention", fix_native_prefill_attention,
-     "CPU prefill attention scored every new token against every key slot of the batch"),
-    ("sglang_jax.cpu_lm_head_layout", fix_cpu_lm_head_layout,
-     "CPU logits re-packed the whole [vocab, hidden] head on every call"),
-]
-
-
-def apply() -> None:
-    """Apply the CPU forward fixes this installation needs; idempotent. No-op without sgl_jax."""
-    if importlib.util.find_spec("sgl_jax") is None:
-        return
-    with _LOCK:
-        for name, fn, why in FIXES:
-            if name not in _APPLIED:
-                _APPLIED[name] = bool(fn())
-            if _APPLIED[name]:
-                record(name, why)
-
-
-def active() -> dict[str, bool]:
-    return dict(_APPLIED)

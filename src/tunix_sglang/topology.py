@@ -1,7 +1,9 @@
-"""Process topology: single process, a `jax.distributed` cluster, or Pathways.
+"""Process topology: one process, or several processes as one `jax.distributed` cluster.
 
-One place decides how this process joins the JAX cluster and which process it is; the rest of
-the code asks `process_index()` / `is_primary()`.
+How this process joins the cluster (`initialize`: from `launch`'s flags or environment, or
+by JAX's own detection on a multi-worker TPU slice; never under Pathways, whose one controller
+drives every device), the bounded step barriers that turn a desync into an error, and the
+liveness (CPU heartbeat) that bounds waits of unknown length.
 """
 
 from __future__ import annotations
@@ -65,10 +67,6 @@ def default_platform() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-def pathways_requested() -> bool:
-    return "proxy" in os.environ.get("JAX_PLATFORMS", "")
-
-
 def tpu_slice_workers(env: Mapping[str, str] | None = None, tpu: bool | None = None) -> int:
     """Workers of the TPU slice this host belongs to, when JAX must join them itself: a TPU
     VM whose TPU_WORKER_HOSTNAMES lists several hosts, not under Pathways (one controller).
@@ -107,16 +105,6 @@ def initialize(topo: Topology) -> None:
         initialization_timeout=120,
     )
     start_heartbeat()
-
-
-def process_index() -> int:
-    import jax
-
-    return jax.process_index()
-
-
-def is_primary() -> bool:
-    return process_index() == 0
 
 
 class DesyncError(RuntimeError):
