@@ -2,14 +2,19 @@
 
 On the same model and prompts, in one run:
 1. rollout throughput (generated tokens/s, EOS ignored) of the in-process sglang-jax engine
-   and of Tunix's vanilla sampler at batch 8, 32, 128 and 128 / 512 new tokens;
+   and of Tunix's vanilla sampler at batch 8, 32, 128 and 128 / 512 new tokens (or the
+   `--shapes` given), the two called alternately `--repeats` times (medians);
 2. weight-sync time into the engine vs a plain `jax.device_put` of the same arrays onto the
    same shardings;
 3. engine start time, first and second start in fresh processes sharing a persistent JAX
    compilation cache (`JAX_COMPILATION_CACHE_DIR`).
-Writes bench/results/rollout.json and prints a markdown table.
+Writes bench/results/rollout.json (or `--json PATH`): {"shapes": [{"batch", "new_tokens",
+"vanilla_tok_s", "engine_tok_s", "error", ...}], ...} and prints a markdown table. With
+`--shapes` only the throughput is measured.
 
     JAX_PLATFORMS=cpu .venv/bin/python bench/bench_rollout.py [--quick]
+    JAX_PLATFORMS=cpu .venv/bin/python bench/bench_rollout.py --shapes 32x128,128x512 \
+        --json /tmp/rollout.json --repeats 3
 """
 
 from __future__ import annotations
@@ -32,6 +37,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_LEN = 40
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"32x128,128x512" -> [(32, 128), (128, 512)] (batch x new tokens)."""
+    out = []
+    for part in text.split(","):
+        b, _, n = part.strip().lower().partition("x")
+        if not (b.isdigit() and n.isdigit()) or int(b) <= 0 or int(n) <= 0:
+            raise SystemExit(f"--shapes: {part!r} is not BATCHxNEW_TOKENS (e.g. 32x128)")
+        out.append((int(b), int(n)))
+    return out
+
+
 def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     """`n` prompts of exactly PROMPT_LEN tokens (same for both engines)."""
     from tunix_sglang import data
@@ -43,7 +59,8 @@ def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def vanilla_tok_s(model, tokenizer, ids: list[list[int]], new: int) -> float:
+def vanilla_runner(model, tokenizer, ids: list[list[int]], new: int):
+    """A warm Tunix sampler call on `ids`: () -> generated token count."""
     from tunix.generate import sampler as sampler_lib
 
     cfg = model.config
@@ -51,38 +68,82 @@ def vanilla_tok_s(model, tokenizer, ids: list[list[int]], new: int) -> float:
         cache_size=PROMPT_LEN * 2 + new + 8, num_layers=cfg.num_layers,
         num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim))
     texts = [tokenizer.decode(i) for i in ids]
+    seeds = iter(range(1 << 30))
 
-    def run(seed: int) -> int:
+    def run() -> int:
         out = s(input_strings=texts, max_generation_steps=new, max_prompt_length=PROMPT_LEN * 2,
-                temperature=1.0, top_p=1.0, seed=seed, echo=False, pad_output=False,
+                temperature=1.0, top_p=1.0, seed=next(seeds), echo=False, pad_output=False,
                 eos_tokens=[-1])  # never matches: EOS ignored, as for the engine
         return sum(len(t) for t in out.tokens)
 
-    run(0)  # compile
+    run()  # compile
+    return run
+
+
+def engine_runner(eng, ids: list[list[int]], new: int):
+    """A warm engine call on `ids`: () -> generated token count."""
+
+    def run() -> int:
+        out = eng.generate(ids, max_new_tokens=new, temperature=1.0, ignore_eos=True)
+        return sum(len(s.tokens) for s in out)
+
+    eng.generate(ids[:2], max_new_tokens=4, ignore_eos=True)  # warm the decode path
+    return run
+
+
+def timed_tok_s(run) -> float:
     t0 = time.perf_counter()
-    n = run(1)
+    n = run()
     return n / (time.perf_counter() - t0)
 
 
-def engine_tok_s(model_dir: Path, ids: list[list[int]], new: int, model) -> dict:
+def error_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return lines[-1][:300]
+
+
+def measure_shape(md, model, tok, batch: int, new: int, repeats: int,
+                  with_sync: bool) -> dict:
+    """Vanilla and engine tok/s on the same prompts, alternating `repeats` times (medians)."""
     from tunix_sglang.engine import EngineSettings, InProcessEngine
 
-    settings = EngineSettings.for_rollout(str(model_dir), max_prompt_len=PROMPT_LEN * 2,
-                                          max_new_tokens=new, num_prompts=len(ids))
-    eng = InProcessEngine(settings).start()
+    ids = prompts(tok, batch)
+    row: dict = {"batch": batch, "new_tokens": new, "vanilla_tok_s": None,
+                 "engine_tok_s": None, "error": None}
     try:
+        vanilla = vanilla_runner(model, tok, ids, new)
+    except Exception as err:  # recorded, the engine is still measured
+        row["error"] = f"vanilla: {error_line(err)}"
+        vanilla = None
+    eng = None
+    try:
+        settings = EngineSettings.for_rollout(str(md.path), max_prompt_len=PROMPT_LEN * 2,
+                                              max_new_tokens=new, num_prompts=batch)
+        eng = InProcessEngine(settings).start()
         eng.sync_from_tunix(model)
-        eng.generate(ids[:2], max_new_tokens=4, ignore_eos=True)  # warm the decode path
-        t0 = time.perf_counter()
-        out = eng.generate(ids, max_new_tokens=new, temperature=1.0, ignore_eos=True)
-        dt = time.perf_counter() - t0
-        n = sum(len(s.tokens) for s in out)
-        syncs, puts = sync_vs_put(eng, model)
-        return {"tok_s": n / dt, "tokens": n, "start_sec": eng.start_seconds,
-                "sync_sec": syncs, "device_put_sec": puts,
-                "sync_bytes": eng.last_sync.num_bytes}
+        engine = engine_runner(eng, ids, new)
+        row["start_sec"] = eng.start_seconds
+        v_runs, e_runs = [], []
+        for _ in range(repeats):
+            if vanilla is not None:
+                v_runs.append(timed_tok_s(vanilla))
+            e_runs.append(timed_tok_s(engine))
+        row["engine_tok_s"], row["engine_runs"] = statistics.median(e_runs), e_runs
+        if v_runs:
+            row["vanilla_tok_s"], row["vanilla_runs"] = statistics.median(v_runs), v_runs
+        if with_sync:
+            row["sync_sec"], row["device_put_sec"] = sync_vs_put(eng, model)
+            row["sync_bytes"] = eng.last_sync.num_bytes
+    except Exception as err:  # e.g. host OOM in the CPU fallback attention: record it
+        row["error"] = "; ".join(filter(None, [row["error"], f"engine: {error_line(err)}"]))
+        if vanilla is not None and row["vanilla_tok_s"] is None:
+            row["vanilla_tok_s"] = timed_tok_s(vanilla)
     finally:
-        eng.shutdown()
+        if eng is not None:
+            eng.shutdown()
+    if row["vanilla_tok_s"] and row["engine_tok_s"]:
+        row["ratio"] = row["engine_tok_s"] / row["vanilla_tok_s"]
+    return row
 
 
 def sync_vs_put(eng, model, reps: int = 5) -> tuple[list[float], list[float]]:
@@ -130,10 +191,20 @@ def start_times(model_dir: Path) -> dict:
         return {"first_sec": runs[0], "second_sec": runs[1]}
 
 
+DEFAULT_SHAPES = "8x128,32x128,128x128,8x512,32x512,128x512"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="batch 8 and 32, 128 tokens only")
+    ap.add_argument("--quick", action="store_true", help="shapes 8x128,32x128 only")
+    ap.add_argument("--shapes", default=None,
+                    help=f"BATCHxNEW_TOKENS list (default {DEFAULT_SHAPES}); throughput only")
+    ap.add_argument("--json", type=Path, default=RESULTS / "rollout.json", help="output file")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="alternate vanilla and engine calls this many times (medians)")
     args = ap.parse_args()
+    full = args.shapes is None and not args.quick
+    shapes = parse_shapes(args.shapes or ("8x128,32x128" if args.quick else DEFAULT_SHAPES))
 
     from tunix_sglang import compat, models
     from tunix_sglang.tiny_model import ensure_tiny_model
@@ -143,51 +214,43 @@ def main() -> None:
     mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     model = models.load_model(md, mesh)
     tok = models.load_tokenizer(md)
-    batches = [8, 32] if args.quick else [8, 32, 128]
-    news = [128] if args.quick else [128, 512]
     rows = []
-    for new in news:
-        for b in batches:
-            ids = prompts(tok, b)
-            v = vanilla_tok_s(model, tok, ids, new)
-            try:
-                e = engine_tok_s(md.path, ids, new, model)
-            except Exception as err:  # e.g. host OOM in the CPU fallback attention: record it
-                msg = str(err).strip().splitlines()[-1][:300]
-                rows.append({"batch": b, "new_tokens": new, "vanilla_tok_s": v,
-                             "sglang_jax_tok_s": None, "ratio": None, "error": msg})
-                print(f"batch {b} new {new}: vanilla {v:.0f} tok/s, engine failed: {msg}",
-                      flush=True)
-                continue
-            rows.append({"batch": b, "new_tokens": new, "vanilla_tok_s": v,
-                         "sglang_jax_tok_s": e["tok_s"], "ratio": e["tok_s"] / v, **{
-                             k: e[k] for k in ("start_sec", "sync_sec", "device_put_sec",
-                                               "sync_bytes")}})
-            print(f"batch {b} new {new}: vanilla {v:.0f} tok/s, engine {e['tok_s']:.0f} tok/s",
-                  flush=True)
-    starts = start_times(md.path)
-    sync = [s for r in rows for s in r.get("sync_sec", [])]
-    put = [s for r in rows for s in r.get("device_put_sec", [])]
+    for batch, new in shapes:
+        r = measure_shape(md, model, tok, batch, new, args.repeats, with_sync=full)
+        rows.append(r)
+        fmt = lambda v: f"{v:.0f}" if v else "-"  # noqa: E731
+        print(f"batch {batch} new {new}: vanilla {fmt(r['vanilla_tok_s'])} tok/s, engine "
+              f"{fmt(r['engine_tok_s'])} tok/s{'; ' + r['error'] if r['error'] else ''}",
+              flush=True)
     result = {
         "model": {"dir": md.path.name, "hidden": md.hf_config["hidden_size"],
-                  "layers": md.hf_config["num_hidden_layers"], "bytes": rows[0].get("sync_bytes")},
-        "machine": {"cpus": os.cpu_count(), "backend": jax.default_backend()},
-        "prompt_len": PROMPT_LEN, "throughput": rows,
-        "sync_median_sec": statistics.median(sync), "device_put_median_sec": statistics.median(put),
-        "sync_over_put": statistics.median(sync) / statistics.median(put),
-        "engine_start": starts,
+                  "layers": md.hf_config["num_hidden_layers"]},
+        "machine": {"cpus": os.cpu_count(), "backend": jax.default_backend(),
+                    "loadavg_1m": os.getloadavg()[0]},
+        "prompt_len": PROMPT_LEN, "repeats": args.repeats, "shapes": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rollout.json").write_text(json.dumps(result, indent=2))
+    if full:
+        sync = [s for r in rows for s in r.get("sync_sec", [])]
+        put = [s for r in rows for s in r.get("device_put_sec", [])]
+        result.update(sync_median_sec=statistics.median(sync),
+                      device_put_median_sec=statistics.median(put),
+                      sync_over_put=statistics.median(sync) / statistics.median(put),
+                      engine_start=start_times(md.path))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
     print("\n| batch | new tokens | vanilla tok/s | sglang_jax tok/s | engine/vanilla |")
     print("|---|---|---|---|---|")
     for r in rows:
-        eng = f"{r['sglang_jax_tok_s']:.0f}" if r["sglang_jax_tok_s"] else "failed (see JSON)"
-        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
-        print(f"| {r['batch']} | {r['new_tokens']} | {r['vanilla_tok_s']:.0f} | {eng} | {ratio} |")
-    print(f"\nsync median {result['sync_median_sec'] * 1e3:.1f} ms vs device_put "
-          f"{result['device_put_median_sec'] * 1e3:.2f} ms ({result['sync_over_put']:.1f}x); "
-          f"engine start {starts['first_sec']:.1f} s first, {starts['second_sec']:.1f} s second")
+        eng = f"{r['engine_tok_s']:.0f}" if r["engine_tok_s"] else "failed (see JSON)"
+        van = f"{r['vanilla_tok_s']:.0f}" if r["vanilla_tok_s"] else "failed (see JSON)"
+        ratio = f"{r['ratio']:.2f}" if r.get("ratio") else "-"
+        print(f"| {r['batch']} | {r['new_tokens']} | {van} | {eng} | {ratio} |")
+    if full:
+        starts = result["engine_start"]
+        print(f"\nsync median {result['sync_median_sec'] * 1e3:.1f} ms vs device_put "
+              f"{result['device_put_median_sec'] * 1e3:.2f} ms ({result['sync_over_put']:.1f}x); "
+              f"engine start {starts['first_sec']:.1f} s first, {starts['second_sec']:.1f} s "
+              "second")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ second one the way Tunix's RLCluster does, from the tied default tiny model.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -245,6 +246,40 @@ def test_generate_throughput(synced):
     assert tok_s > 50  # catches recompiling every step (was ~20 tok/s with return_logprob)
 
 
+PINNED = Path(__file__).resolve().parent / "data" / "pinned_rollout.json"
+# Prompts of different lengths (one prefill of several sequences, then decode at batch 8).
+PIN_PROMPTS = [[(37 * i + 11 * j + 5) % 1000 + 1 for j in range(n)]
+               for i, n in enumerate([3, 32, 17, 9, 25, 5, 30, 12])]
+# Sampled; greedy (a prefix-cache hit on the same prompts); truncated (top-k / top-p).
+PIN_CALLS = {"sampled": dict(temperature=1.0), "greedy": dict(temperature=0.0),
+             "truncated": dict(temperature=0.7, top_k=50, top_p=0.9)}
+
+
+def pinned_rollout(engine) -> dict:
+    """Tokens and logprobs of fixed calls on a freshly flushed engine, fixed seed."""
+    engine.flush()
+    out = {}
+    for name, kw in PIN_CALLS.items():
+        samples = engine.generate(PIN_PROMPTS, max_new_tokens=MAX_NEW, seed=1234,
+                                  ignore_eos=True, **kw)
+        out[name] = {"tokens": [s.tokens.tolist() for s in samples],
+                     "logprobs": [s.logprobs.tolist() for s in samples]}
+    return out
+
+
+def test_tokens_and_logprobs_pinned(synced):
+    """The engine's tokens and logprobs on a fixed batch and seed are the ones recorded
+    before the CPU performance fixes (issue 17): the same tokens, logprobs within float32
+    rounding of a different summation order."""
+    want = json.loads(PINNED.read_text())
+    got = pinned_rollout(synced)
+    for name in PIN_CALLS:
+        assert got[name]["tokens"] == want[name]["tokens"], name
+        diff = max(float(np.max(np.abs(np.subtract(g, w)))) for g, w in zip(
+            got[name]["logprobs"], want[name]["logprobs"], strict=True))
+        assert diff <= 1e-5, (name, diff)
+
+
 def test_prompt_longer_than_engine_max_is_user_error(synced):
     with pytest.raises(UserError, match="prompt lengths"):
         synced.generate([[1] * (MAX_PROMPT + 1)], max_new_tokens=4)
@@ -315,6 +350,17 @@ def test_rollout_as_rlcluster_builds_it(tmp_path_factory):
             assert np.max(np.abs(row[:len(t)] - ref)) <= 1e-4
     finally:
         rollout.close()
+
+
+def test_train_engine_rollouts_keep_no_model_copy():
+    """Training is on-policy (GRPO num_iterations=1: Tunix never asks a rollout to score),
+    so the engine rollouts `train` builds keep no copy of the model (one model's memory)."""
+    from tunix_sglang import rollout as rollout_pkg
+    from tunix_sglang.config import TrainConfig
+
+    for engine in ("sglang_jax", "sglang_jax_remote"):
+        made = rollout_pkg.engine_for(TrainConfig(rollout_engine=engine), "model-dir")
+        assert made.keywords["keep_model_copy"] is False, engine
 
 
 # -- --rollout-devices --------------------------------------------------------------------

@@ -17,7 +17,14 @@ import threading
 from collections.abc import Callable
 
 from tunix_sglang.compat import tunix as tunix_fixes
-from tunix_sglang.compat.sglang_jax import attention, logprobs, model_runner, process, sampler
+from tunix_sglang.compat.sglang_jax import (
+    attention,
+    cpu_forward,
+    logprobs,
+    model_runner,
+    process,
+    sampler,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +63,10 @@ FIXES: tuple[Fix, ...] = (
             "non-TPU sampler passed a 3-tuple to _apply_min_p_filter (unpacks 2)"),
     _sglang("sampler_sort_in_graph", sampler,
             "non-TPU sampler sorted in a host callback (hangs a mesh spanning processes)"),
-    _sglang("native_decode_attention", attention,
+    _sglang("native_decode_attention", cpu_forward,
             "CPU decode attention scored every query against every key of the batch"),
+    _sglang("native_prefill_attention", cpu_forward,
+            "CPU prefill attention scored every new token against every key slot of the batch"),
     _sglang("forward_reads_weights", model_runner,
             "jitted forward closed over its weight leaves; sync could not change outputs"),
     _sglang("logprob_logits_padding", logprobs,
@@ -82,6 +91,9 @@ FIXES: tuple[Fix, ...] = (
             "an idle detokenizer thread SIGQUITs the process when its socket is closed"),
     _sglang("penalty_precompile_optional", model_runner,
             "penalty programs precompiled for every batch padding though rollouts use none"),
+    # Wraps load_model / initialize_jit as the fixes above left them (forward_reads_weights).
+    _sglang("cpu_lm_head_layout", cpu_forward,
+            "CPU logits re-packed the whole [vocab, hidden] head on every call"),
 )
 
 ACTIVE_FIXES: dict[str, str] = {}  # name -> why, for the fixes this process applied

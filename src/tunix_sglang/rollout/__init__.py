@@ -7,6 +7,10 @@ subclass (or a `functools.partial` of one); `engine_for` returns that value:
     sglang_jax          one process: inprocess.InProcessRollout; several (--multihost-mode):
                         host_local.HostLocalRollout or lockstep.LockstepRollout
     sglang_jax_remote   remote.RemoteRollout, the controller of rollout servers
+
+The engine rollouts keep no copy of the model (`keep_model_copy=False`): training is on-policy
+(`tunix_cluster`: GRPO num_iterations=1), so Tunix never asks a rollout to score tokens, and
+the copy would hold one more model's worth of memory (0.75 GB for a Qwen3-0.6B shape).
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ def engine_for(cfg: TrainConfig, model_dir: Any) -> Any:
             raise UserError(
                 f"--rollout-engine sglang_jax is not available ({e}); use --rollout-engine vanilla"
             ) from None
-        return functools.partial(cls, model_dir=model_dir, train_config=cfg)
+        return functools.partial(cls, model_dir=model_dir, train_config=cfg,
+                                 keep_model_copy=False)
     if cfg.rollout_engine == "sglang_jax_remote":
         from tunix_sglang.rollout.remote import RemoteRollout
 
         return functools.partial(RemoteRollout, model_dir=model_dir, train_config=cfg,
-                                 servers=cfg.rollout_servers, launch_servers=cfg.launch_servers)
+                                 servers=cfg.rollout_servers, launch_servers=cfg.launch_servers,
+                                 keep_model_copy=False)
     raise UserError(f"--rollout-engine {cfg.rollout_engine!r} is unknown")

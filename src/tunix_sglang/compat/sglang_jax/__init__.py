@@ -1,9 +1,10 @@
 """Fixes to released sglang-jax (0.0.2) for an in-process engine on CPU, by subsystem.
 
 `process` (side effects on the host process), `sampler`, `logprobs`, `attention`,
-`model_runner`. Each fix is a pair: `<name>_needed()` inspects the installed code (source
-text, attributes or behaviour) and says whether the problem is there; `fix_<name>()` patches
-it, keeps the replaced callable in `compat.base.ORIGINALS` and returns True when it patched.
+`cpu_forward` (attention per sequence and the output head's layout on CPU), `model_runner`.
+Each fix is a pair: `<name>_needed()` inspects the installed code (source text, attributes or
+behaviour) and says whether the problem is there; `fix_<name>()` patches it, keeps the
+replaced callable in `compat.base.ORIGINALS` and returns True when it patched.
 `tunix_sglang.compat.FIXES` lists them in the order they are applied.
 
 These are monkeypatches of this process only. The engine runs with
