@@ -172,3 +172,68 @@ def test_num_iterations_reuses_the_engine_logprobs(cache_home, tmp_path, monkeyp
         for row, lp in zip(old, engine_logprobs, strict=True):
             np.testing.assert_array_equal(row[:len(lp)], lp)
             assert not row[len(lp):].any()
+
+
+def test_async_rollouts_on_remote_servers(cache_home, tmp_path, monkeypatch):
+    """--max-staleness 1 with two real rollout servers (`--launch-servers 2`): the servers
+    generate step n+1 while step n trains (staleness 1, never more), every version is
+    proven, and each sample's recorded version is the one whose weights generated it: its
+    engine logprobs are those of the trainer's weights at that version (kept at each sync),
+    not of the newer weights it is trained with."""
+    from tunix_sglang import grpo_step, runner
+    from tunix_sglang.config import build_config
+    from tunix_sglang.probe.scoring import tunix_token_logprobs
+    from tunix_sglang.rollout.base import copy_params
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))  # the servers inherit it
+    weights, trained = {}, []  # version -> trainer weights; (Sampled, trainer version, pad)
+
+    def keep(fn):
+        def wrapped(ctx, *a, **kw):
+            proof = fn(ctx, *a, **kw)
+            weights[proof.version] = copy_params(ctx.cluster.actor_trainer.model)
+            return proof
+        return wrapped
+
+    monkeypatch.setattr(grpo_step, "initial_sync", keep(grpo_step.initial_sync))
+    monkeypatch.setattr(grpo_step, "sync_and_prove", keep(grpo_step.sync_and_prove))
+    make = grpo_step.make_train_example
+
+    def capture(ctx, sampled):
+        trained.append((sampled, grpo_step.trainer_version(ctx), ctx.cluster.rollout.pad_id()))
+        return make(ctx, sampled)
+
+    monkeypatch.setattr(grpo_step, "make_train_example", capture)
+    out = tmp_path / "run"
+    # lr 1e-2: one step moves the logprobs far more than the engine-trainer difference.
+    cfg = build_config(None, dict(
+        steps=3, rollout_engine="sglang_jax_remote", launch_servers=2, max_staleness=1,
+        batch_size=2, num_generations=2, max_new_tokens=8, learning_rate=1e-2,
+        importance_correction="tis", eval_limit=0, output_dir=str(out)))
+    runner.train(cfg)
+
+    rows = _rows(out)
+    stale = [r["staleness_max"] for r in rows]
+    assert stale[0] == 0 and max(stale) == 1, stale  # the overlap happened, within K
+    assert all(r["sync_check"] == "proven" and r["stale_dropped"] == 0 for r in rows)
+    assert [r["weight_version"] for r in rows] == [1, 2, 3]
+    assert all(r["is_clipped_frac"] is not None for r in rows)
+    for prev, nxt in zip(rows, rows[1:], strict=False):
+        if nxt["staleness_max"] == 1:  # generated while the previous step trained
+            assert nxt["timeline"]["rollout"][0] < prev["timeline"]["train"][1]
+
+    own_max, newer_min = 0.0, np.inf
+    for sampled, now, pad in trained:
+        o = sampled.out
+        for row, toks, lp, v in zip(o.left_padded_prompt_tokens, o.tokens, o.logprobs,
+                                    sampled.versions, strict=True):
+            ids = row[int(np.argmax(row != pad)):]  # left padding off
+            own = np.max(np.abs(tunix_token_logprobs(weights[v], ids, toks, 1.0) - lp))
+            own_max = max(own_max, own)
+            if v != now:  # the newer weights it is trained with give other logprobs
+                newer_min = min(newer_min, np.max(np.abs(
+                    tunix_token_logprobs(weights[now], ids, toks, 1.0) - lp)))
+    print(f"max |engine - trainer@own version| {own_max:.2e}, "
+          f"min |engine - trainer@newer version| {newer_min:.2e}")
+    assert own_max <= 2e-4 and np.isfinite(newer_min), (own_max, newer_min)
+    assert newer_min > 10 * max(own_max, 1e-5), (own_max, newer_min)
