@@ -158,7 +158,7 @@ def test_num_iterations_reuses_the_engine_logprobs(cache_home, tmp_path, monkeyp
 
     def capture(ctx, sampled):
         example, stats = make(ctx, sampled)
-        examples.append((sampled.out.logprobs, example))
+        examples.append((sampled.engine_logps, example))
         return example, stats
 
     monkeypatch.setattr(grpo_step, "make_train_example", capture)
@@ -166,12 +166,9 @@ def test_num_iterations_reuses_the_engine_logprobs(cache_home, tmp_path, monkeyp
                                   output_dir=str(tmp_path / "run")))
     runner.train(cfg)
     assert calls == {"old": 0, "trainer": 2}
-    for engine_logprobs, example in examples:
-        old = np.asarray(example.old_per_token_logps)
+    for engine_logps, example in examples:  # [N, T], zero past each completion
         assert example.sampler_is_weights is None
-        for row, lp in zip(old, engine_logprobs, strict=True):
-            np.testing.assert_array_equal(row[:len(lp)], lp)
-            assert not row[len(lp):].any()
+        np.testing.assert_array_equal(np.asarray(example.old_per_token_logps), engine_logps)
 
 
 def test_async_rollouts_on_remote_servers(cache_home, tmp_path, monkeypatch):
@@ -186,7 +183,7 @@ def test_async_rollouts_on_remote_servers(cache_home, tmp_path, monkeypatch):
     from tunix_sglang.rollout.base import copy_params
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))  # the servers inherit it
-    weights, trained = {}, []  # version -> trainer weights; (Sampled, trainer version, pad)
+    weights, trained = {}, []  # version -> trainer weights; (Rollout, trainer version, pad)
 
     def keep(fn):
         def wrapped(ctx, *a, **kw):
@@ -224,10 +221,11 @@ def test_async_rollouts_on_remote_servers(cache_home, tmp_path, monkeypatch):
 
     own_max, newer_min = 0.0, np.inf
     for sampled, now, pad in trained:
-        o = sampled.out
-        for row, toks, lp, v in zip(o.left_padded_prompt_tokens, o.tokens, o.logprobs,
-                                    sampled.versions, strict=True):
+        for row, comp, lps, v in zip(sampled.prompt_ids, sampled.completion_ids,
+                                     sampled.engine_logps, sampled.versions, strict=True):
             ids = row[int(np.argmax(row != pad)):]  # left padding off
+            n = int((comp != pad).sum())  # right padding off
+            toks, lp = comp[:n], lps[:n]
             own = np.max(np.abs(tunix_token_logprobs(weights[v], ids, toks, 1.0) - lp))
             own_max = max(own_max, own)
             if v != now:  # the newer weights it is trained with give other logprobs
