@@ -8,9 +8,10 @@ subclass (or a `functools.partial` of one); `engine_for` returns that value:
                         host_local.HostLocalRollout or lockstep.LockstepRollout
     sglang_jax_remote   remote.RemoteRollout, the controller of rollout servers
 
-The engine rollouts keep no copy of the model (`keep_model_copy=False`): training is on-policy
-(`tunix_cluster`: GRPO num_iterations=1), so Tunix never asks a rollout to score tokens, and
-the copy would hold one more model's worth of memory (0.75 GB for a Qwen3-0.6B shape).
+The engine rollouts keep no copy of the model (`keep_model_copy=False`): the step builds the
+loss's old policy itself (the engine's logprobs, or the trainer's recomputation: `grpo_step`),
+so Tunix never asks a rollout to score tokens, and the copy would hold one more model's worth
+of memory (0.75 GB for a Qwen3-0.6B shape).
 """
 
 from __future__ import annotations
