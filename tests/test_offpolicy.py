@@ -183,7 +183,7 @@ def test_async_rollouts_on_remote_servers(cache_home, tmp_path, monkeypatch):
     from tunix_sglang.rollout.base import copy_params
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))  # the servers inherit it
-    weights, trained = {}, []  # version -> trainer weights; (Rollout, trainer version, pad)
+    weights, trained = {}, []  # version -> trainer weights; (StepRollout, trainer version, pad)
 
     def keep(fn):
         def wrapped(ctx, *a, **kw):

@@ -148,7 +148,7 @@ def rollout_mismatch(trainer_logps: np.ndarray, engine_logps: np.ndarray, mask: 
 
 
 @dataclasses.dataclass
-class Rollout:
+class StepRollout:
     """One rollout of G completions for each prompt of a batch, scored; rows are samples.
     Made by `sample`: inline, or on the async pipeline's thread."""
 
@@ -165,7 +165,7 @@ class Rollout:
 
 
 def sample(ctx: StepContext, batch: dict[str, np.ndarray], step: int, round_: int = 0
-           ) -> Rollout:
+           ) -> StepRollout:
     """prompts -> rollout -> rewards, for the step's batch (round 0) or a refill (round r):
     every prompt `num_generations` times."""
     g = ctx.algo.num_generations
@@ -202,15 +202,15 @@ def sample(ctx: StepContext, batch: dict[str, np.ndarray], step: int, round_: in
     if overlong is not None:
         rewards = rewards + overlong
         by_fn["overlong_penalty"] = float(np.mean(overlong))
-    return Rollout(
+    return StepRollout(
         step=step, prompt_ids=np.asarray(out.left_padded_prompt_tokens),
         completion_ids=completion_ids, engine_logps=engine_logps, rewards=rewards,
         rewards_by_fn=by_fn, versions=np.asarray(versions, np.int64),
         redispatched_groups=redispatched, start=t0, end=t1)
 
 
-def gather_groups(rounds: list[Rollout], selection: algorithms.Selection, g: int, pad: int
-                  ) -> tuple[Rollout, np.ndarray]:
+def gather_groups(rounds: list[StepRollout], selection: algorithms.Selection, g: int, pad: int
+                  ) -> tuple[StepRollout, np.ndarray]:
     """The selected groups of the rounds as one batch, and its completion mask (zero on
     the selection's padding groups, which then weigh nothing in the loss)."""
     rows = [(r, i * g + k) for r, i in selection.groups for k in range(g)]
@@ -225,7 +225,7 @@ def gather_groups(rounds: list[Rollout], selection: algorithms.Selection, g: int
             out.append(row)
         return np.stack(out)
 
-    batch = Rollout(
+    batch = StepRollout(
         step=rounds[0].step, prompt_ids=take("prompt_ids", width),
         completion_ids=take("completion_ids"),
         engine_logps=None if rounds[0].engine_logps is None else take("engine_logps"),
@@ -236,7 +236,7 @@ def gather_groups(rounds: list[Rollout], selection: algorithms.Selection, g: int
     return batch, mask
 
 
-def make_train_example(ctx: StepContext, first: Rollout):
+def make_train_example(ctx: StepContext, first: StepRollout):
     """rollout (-> dynamic sampling) -> advantages, old policy and IS weights: a Tunix
     TrainExample and step stats."""
     g = ctx.algo.num_generations
@@ -376,8 +376,7 @@ def sync_and_prove(ctx: StepContext, marks: dict[str, list[float]] | None = None
     if ctx.num_iterations == 1:
         cluster.sync_weights()
     else:  # Tunix's sync counts one version per call; mu optimizer steps happened
-        params = nnx.state(cluster.actor_trainer.model, nnx.Param)
-        engine_rollout(cluster).update_params(params, (nnx.Param,), version=trainer_version(ctx))
+        push_weights(ctx)
         cluster.global_steps += 1
     t1 = time.perf_counter()
     proof = check_sync(ctx)
@@ -396,15 +395,19 @@ def check_sync(ctx: StepContext) -> probe.Proof:
 def initial_sync(ctx: StepContext) -> probe.Proof:
     """Give the rollout the trainer's current (possibly restored) weights before step 1."""
     cluster = ctx.cluster
-    engine = engine_rollout(cluster)
-    if engine is None:
+    if engine_rollout(cluster) is None:
         return probe.Proof("shared", trainer_version(ctx))
-    params = nnx.state(cluster.actor_trainer.model, nnx.Param)
-    engine.update_params(params, (nnx.Param,), version=trainer_version(ctx))
+    push_weights(ctx)
     return check_sync(ctx)
 
 
-def run_step(ctx: StepContext, sampled: Rollout,
+def push_weights(ctx: StepContext) -> None:
+    """The trainer's weights to the engine rollout, stamped with the trainer's version."""
+    params = nnx.state(ctx.cluster.actor_trainer.model, nnx.Param)
+    engine_rollout(ctx.cluster).update_params(params, (nnx.Param,), version=trainer_version(ctx))
+
+
+def run_step(ctx: StepContext, sampled: StepRollout,
              exclusive: Callable[[Callable[[], probe.Proof]], probe.Proof] | None = None
              ) -> StepResult:
     """The step after its rollout (`sample`): rewards, advantages, update, weight sync and
