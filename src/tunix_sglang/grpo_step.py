@@ -1,8 +1,10 @@
 """One GRPO step, in one place:
 
-    prompts -> rollout -> rewards -> advantages -> update (Tunix) -> weight sync + proof
+    sample: prompts -> rollout -> rewards          (inline, or on tunix_sglang.pipeline's thread)
+    run_step: [DAPO refills] -> advantages, old policy and IS weights (tunix_sglang.importance)
+              -> update x num_iterations (Tunix) -> weight sync + proof
 
-Tunix owns the algorithm pieces (the rollout seam, reference log-probs, the GRPO loss and
+Tunix owns the algorithm pieces (the rollout seam, reference log-probs, the loss and
 optimizer step, checkpoints); this module only calls them in order and measures each phase.
 """
 
